@@ -1,0 +1,144 @@
+"""Bayesian N-d convolution op, torch backend.
+
+The S per-sample convolutions of a chunk are one grouped convolution: samples become
+channel groups (``(c*B, C, ...) -> (B, c*C, ...)``, weights ``(c*O, C/g, ...)``, groups
+``c*g``). As in :mod:`spar.ops.linear`, noise and sampled weights are regenerated per
+chunk in backward (``aten.convolution_backward`` on the grouped problem), never stored.
+Padding must be numeric and symmetric here; the modules turn padding modes and
+``"same"`` into an explicit ``F.pad`` first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from spar.ops.linear import _add_bias, _chunks, _sampled_bias, sign
+from spar.rng import NoiseKey
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _to_groups(x_c: Tensor, c: int) -> Tensor:
+    """``(c*B, C, *sp) -> (B, c*C, *sp)``."""
+    xs = x_c.unflatten(0, (c, -1))
+    return xs.transpose(0, 1).flatten(1, 2)
+
+
+def _from_groups(y: Tensor, c: int) -> Tensor:
+    """``(B, c*O, *sp) -> (c*B, O, *sp)``."""
+    return y.unflatten(1, (c, -1)).transpose(0, 1).flatten(0, 1)
+
+
+class SampledConvFn(torch.autograd.Function):
+    """``y_s = conv(x_s, W_s)`` for the key's samples (``mu=None``: zero-mean perturbation).
+    x: ``(S*B, C, *spatial)``; returns ``(S*B, O, *spatial_out)``; no bias."""
+
+    @staticmethod
+    def forward(ctx, x, mu, rho, key: NoiseKey, pid: int, conv_args: tuple):
+        stride, padding, dilation, groups = conv_args
+        S = key.num_samples
+        conv = _CONV[rho.dim() - 2]
+        sig = F.softplus(rho)
+        outs = []
+        xs = x.unflatten(0, (S, -1))
+        for lo, hi in _chunks(S, rho.numel()):
+            c = hi - lo
+            eps = key.normal(pid, rho.shape, samples=(lo, hi), device=rho.device, dtype=rho.dtype)
+            w = sig * eps if mu is None else torch.addcmul(mu, sig, eps)
+            xg = _to_groups(xs[lo:hi].flatten(0, 1), c)
+            y = conv(xg, w.to(x.dtype).flatten(0, 1), None, stride, padding, dilation, c * groups)
+            outs.append(_from_groups(y, c))
+        ctx.save_for_backward(x, mu, rho)
+        ctx.key, ctx.pid, ctx.conv_args = key, pid, conv_args
+        return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mu, rho = ctx.saved_tensors
+        key, pid = ctx.key, ctx.pid
+        stride, padding, dilation, groups = ctx.conv_args
+        need_x, need_mu, need_rho = ctx.needs_input_grad[:3]
+        S = key.num_samples
+        sig = F.softplus(rho)
+        xs = x.unflatten(0, (S, -1))
+        dys = dy.unflatten(0, (S, -1))
+        dx = torch.empty_like(x).unflatten(0, (S, -1)) if need_x else None
+        g_mu = torch.zeros_like(rho) if need_mu else None
+        g_rho = torch.zeros_like(rho) if need_rho else None
+        nd = rho.dim() - 2
+        for lo, hi in _chunks(S, rho.numel()):
+            c = hi - lo
+            eps = key.normal(pid, rho.shape, samples=(lo, hi), device=rho.device, dtype=rho.dtype)
+            w = sig * eps if mu is None else torch.addcmul(mu, sig, eps)
+            xg = _to_groups(xs[lo:hi].flatten(0, 1), c)
+            dyg = _to_groups(dys[lo:hi].flatten(0, 1), c)
+            gx, gw, _ = torch.ops.aten.convolution_backward(
+                dyg, xg, w.to(x.dtype).flatten(0, 1), None,
+                list(stride), list(padding), list(dilation), False, [0] * nd, c * groups,
+                [need_x, need_mu or need_rho, False],
+            )  # fmt: skip
+            if need_x:
+                dx[lo:hi] = _from_groups(gx, c).unflatten(0, (c, -1))
+            if need_mu or need_rho:
+                gw = gw.to(rho.dtype).unflatten(0, (c, -1))  # (c, O, C/g, *k)
+                if need_mu:
+                    g_mu += gw.sum(0)
+                if need_rho:
+                    g_rho += (gw * eps).sum(0)
+        if need_rho:
+            g_rho *= torch.sigmoid(rho)
+        if dx is not None:
+            dx = dx.flatten(0, 1)
+        return dx, g_mu, g_rho, None, None, None
+
+
+def conv_torch(
+    x: Tensor,
+    weight_mu: Tensor,
+    weight_rho: Tensor,
+    bias_mu: Tensor | None,
+    bias_rho: Tensor | None,
+    key: NoiseKey,
+    *,
+    weight_id: int,
+    bias_id: int,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+    estimator: str = "reparam",
+    noise_ids: tuple[int, int] = (0, 0),
+) -> Tensor:
+    """Bayesian convolution over ``key.num_samples`` samples; see :func:`spar.ops.bayes_conv`."""
+    S = key.num_samples
+    conv_args = (tuple(stride), tuple(padding), tuple(dilation), int(groups))
+    conv = _CONV[weight_mu.dim() - 2]
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    if estimator == "reparam":
+        y = SampledConvFn.apply(x, weight_mu, weight_rho, key, weight_id, conv_args)
+        if bias_mu is not None:
+            y = _add_bias(y, _sampled_bias(bias_mu, bias_rho, key, bias_id))
+        return y
+    batch = x.shape[0] // S
+    if estimator == "lrt":
+        var_b = None if bias_rho is None else F.softplus(bias_rho).square()
+        mean = conv(x, weight_mu, bias_mu, **kw)
+        var = conv(x * x, F.softplus(weight_rho).square(), var_b, **kw)
+        eps = key.normal(
+            noise_ids[0], (batch, *mean.shape[1:]), first_row=key.data_offset, device=x.device
+        )
+        return mean + torch.sqrt(var.clamp_min(1e-30)) * eps.flatten(0, 1).to(x.dtype)
+    if estimator == "flipout":
+        off, dev = key.data_offset, x.device
+        r = sign(key.normal(noise_ids[0], (batch, *x.shape[1:]), first_row=off, device=dev))
+        pert = SampledConvFn.apply(
+            x * r.flatten(0, 1).to(x.dtype), None, weight_rho, key, weight_id, conv_args
+        )
+        q = sign(key.normal(noise_ids[1], (batch, *pert.shape[1:]), first_row=off, device=dev))
+        y = conv(x, weight_mu, None, **kw) + pert * q.flatten(0, 1).to(x.dtype)
+        if bias_mu is not None:
+            y = _add_bias(y, _sampled_bias(bias_mu, bias_rho, key, bias_id))
+        return y
+    raise ValueError(f"estimator must be one of 'reparam', 'lrt', 'flipout', got {estimator!r}")

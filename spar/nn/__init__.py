@@ -1,0 +1,36 @@
+"""Bayesian layers, priors, the KL term, the model converter and Monte Carlo evaluation."""
+
+from spar.nn.convert import bayesianize
+from spar.nn.layers import (
+    ESTIMATORS,
+    BayesConv1d,
+    BayesConv2d,
+    BayesConv3d,
+    BayesLinear,
+    BayesModule,
+    assign_noise_names,
+    is_bayesian,
+    kl_divergence,
+)
+from spar.nn.montecarlo import MonteCarlo
+from spar.nn.prior import GaussianPrior, pretrained_prior
+from spar.nn.sampling import SamplingState, current_sampling, sampling
+
+__all__ = [
+    "ESTIMATORS",
+    "BayesConv1d",
+    "BayesConv2d",
+    "BayesConv3d",
+    "BayesLinear",
+    "BayesModule",
+    "GaussianPrior",
+    "MonteCarlo",
+    "SamplingState",
+    "assign_noise_names",
+    "bayesianize",
+    "current_sampling",
+    "is_bayesian",
+    "kl_divergence",
+    "pretrained_prior",
+    "sampling",
+]

@@ -1,0 +1,65 @@
+"""Gaussian priors and the closed-form KL divergence of mean-field Gaussian posteriors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+class GaussianPrior:
+    """Independent ``N(mean, std^2)`` over every element of a parameter.
+
+    ``mean`` and ``std`` may be floats or tensors that broadcast to the parameter (e.g. a
+    pretrained weight as the prior mean). Layers copy them into buffers, so the prior moves
+    with ``.to(device)`` and lives in ``state_dict``.
+    """
+
+    def __init__(self, mean: float | Tensor = 0.0, std: float | Tensor = 1.0) -> None:
+        if not isinstance(mean, (int, float, Tensor)) or isinstance(mean, bool):
+            raise TypeError(f"mean must be a float or a Tensor, got {type(mean).__name__}")
+        if not isinstance(std, (int, float, Tensor)) or isinstance(std, bool):
+            raise TypeError(f"std must be a float or a Tensor, got {type(std).__name__}")
+        std_t = torch.as_tensor(std, dtype=torch.float32)
+        if not bool(torch.all(std_t > 0)) or not bool(torch.all(torch.isfinite(std_t))):
+            raise ValueError(f"std must be finite and > 0, got {std}")
+        mean_t = torch.as_tensor(mean, dtype=torch.float32)
+        if not bool(torch.all(torch.isfinite(mean_t))):
+            raise ValueError("mean must be finite")
+        self.mean = mean_t.detach().clone()
+        self.std = std_t.detach().clone()
+
+    def __repr__(self) -> str:
+        def show(t: Tensor) -> str:
+            return f"{t.item():g}" if t.numel() == 1 else f"Tensor{tuple(t.shape)}"
+
+        return f"GaussianPrior(mean={show(self.mean)}, std={show(self.std)})"
+
+
+# A prior spec for a whole model: one prior for everything, or a function of the layer's
+# qualified name and the original module (see :func:`pretrained_prior`).
+PriorSpec = GaussianPrior | Callable[[str, torch.nn.Module], "GaussianPrior | dict"] | None
+
+
+def pretrained_prior(std: float = 1.0) -> Callable[[str, torch.nn.Module], dict]:
+    """A :func:`spar.nn.bayesianize` prior centred on each layer's existing weights."""
+
+    def make(name: str, module: torch.nn.Module) -> dict:
+        priors = {"weight": GaussianPrior(module.weight.detach(), std)}
+        if getattr(module, "bias", None) is not None:
+            priors["bias"] = GaussianPrior(module.bias.detach(), std)
+        return priors
+
+    return make
+
+
+def gaussian_kl(mu: Tensor, sigma: Tensor, prior_mean: Tensor, prior_std: Tensor) -> Tensor:
+    """``sum KL(N(mu, sigma^2) || N(prior_mean, prior_std^2))`` over all elements:
+
+    ``log(sp/sq) + (sq^2 + (mq - mp)^2) / (2 sp^2) - 1/2`` per element.
+    """
+    var_ratio = (sigma / prior_std).square()
+    mean_term = ((mu - prior_mean) / prior_std).square()
+    kl = 0.5 * (var_ratio + mean_term - 1.0) - torch.log(sigma / prior_std)
+    return kl.sum()

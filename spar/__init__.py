@@ -1,0 +1,11 @@
+"""spar: fast, memory-lean Bayesian deep learning on GPUs and clusters.
+
+Fused sampling kernels, sampling parallelism over ``torch.distributed`` and drop-in
+Bayesian layers; see README.md and DESIGN.md.
+"""
+
+from spar import losses, metrics, nn
+from spar.nn.sampling import sampling
+
+__version__ = "0.1.0"
+__all__ = ["losses", "metrics", "nn", "sampling", "__version__"]

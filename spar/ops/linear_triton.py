@@ -1,0 +1,769 @@
+"""Bayesian linear layer over S Monte Carlo samples on the GPU (Triton).
+
+``y[s] = x[s] @ W_s^T + b_s`` with ``W_s = mu + softplus(rho) * eps_s`` and
+``b_s = bias_mu + softplus(bias_rho) * eps_b,s``; x is ``(S*B, K)`` folded sample-major,
+or one ``(B, K)`` shared by every sample (first layer). Two paths compute it:
+
+``fused``
+    The GEMM kernels generate each ``(BLOCK_N, BLOCK_K)`` weight tile in registers from
+    the noise key (:mod:`spar.rng`) right before its ``tl.dot``: the forward computes
+    ``y``, the backward computes ``dx[s] = dy[s] @ W_s`` regenerating the tiles, and
+    ``grad_mu``/``grad_rho`` (and the bias gradients) are reduced over all S samples
+    inside one kernel whose programs each own a tile of the weight, so there is no
+    per-sample ``dW`` in memory and the sum needs no atomics to be deterministic. Extra
+    memory: ``softplus(rho)`` and the two fp32 gradient accumulators, O(|W|).
+``chunked``
+    A chunk of samples' weights is written by the sampling kernel
+    (:mod:`spar.ops.sample`) into a workspace bounded by ``SPAR_CHUNK_NUMEL`` elements, and
+    cuBLAS does the (batched) GEMMs; the backward reduces the chunk's ``dW`` with the
+    sampling kernel's backward (eps regenerated).
+
+Dispatch rule (``SPAR_LINEAR_PATH=auto``, the default; ``fused``/``chunked`` force one)
+----------------------------------------------------------------------------------------
+The fused forward and dx kernels regenerate a weight tile for every ``BLOCK_M`` rows of a
+sample's batch. Generating one normal costs a Philox4x32-10 quarter (~40 integer ops) and
+half a Box-Muller (log, sqrt, sin/cos): on an H100 that is several times the tensor-core
+work of one multiply-add per weight element per row, so the noise, not the GEMM, sets the
+fused kernel's time, and it grows as ``ceil(B / BLOCK_M)``. With ``BLOCK_M`` up to 128
+and ``B <= FUSED_MAX_ROWS = 128`` every weight element's noise is generated once per
+kernel, the minimum any path needs, and the fused path also saves the chunked path's
+workspace write + read and its per-sample ``dW``: it takes ``B <= 128``. Above that the
+chunked path generates each weight once per sample whatever ``B`` is, and cuBLAS runs at
+full efficiency on the tall GEMMs: it takes ``B > 128``. The threshold is a module
+constant so that ``bench/bench_kernels.py`` measurements on a GPU can move it.
+
+Order in this file: kernels -> launchers -> autograd Functions -> ``bayes_linear_reparam``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from spar.ops._triton_utils import (
+    FLOAT_DTYPES,
+    as_i32,
+    check_device,
+    dot_precision,
+    interpret,
+    next_pow2,
+    normal_row,
+    normal_tile,
+    num_sms,
+    philox_key,
+    to_dot,
+    to_store,
+)
+from spar.ops.linear import chunk_samples
+from spar.ops.sample import sample_weights, sample_weights_backward
+from spar.rng import NoiseKey
+
+FUSED_MAX_ROWS = 128
+PATHS = ("fused", "chunked")
+
+# ---------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["key_w", "key_b", "first_sample", "step"])
+def _bayes_linear_fwd_kernel(
+    x_ptr, mu_ptr, sig_ptr, bmu_ptr, bsig_ptr, y_ptr,
+    S, B, N, K,
+    stride_xs, stride_xm, stride_xk,
+    stride_mun, stride_muk,
+    stride_sn, stride_sk,
+    stride_ys, stride_ym, stride_yn,
+    key_w, key_b, first_sample, step,
+    HAS_MU: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """One ``(BLOCK_M, BLOCK_N)`` tile of ``y[s]`` per program.
+
+    x: ``(S, B, K)`` (``stride_xs = 0`` when shared); mu, sig: ``(N, K)`` fp32;
+    bmu, bsig: ``(N,)`` fp32; y: ``(S, B, N)``.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(B, BLOCK_M)
+    # samples vary fastest: concurrent programs read the same mu/sigma rows (L2 hits)
+    s = pid % S
+    tile = pid // S
+    pid_m = tile % num_m
+    pid_n = tile // num_m
+    sample = first_sample.to(tl.uint32, bitcast=True) + tl.cast(s, tl.uint32)
+    step_u = step.to(tl.uint32, bitcast=True)
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < B
+    mask_n = offs_n < N
+    rows_n = offs_n.to(tl.uint32)
+    x_rows = x_ptr + tl.cast(s, tl.int64) * stride_xs + offs_m.to(tl.int64)[:, None] * stride_xm
+    mu_rows = mu_ptr + offs_n.to(tl.int64)[:, None] * stride_mun
+    sig_rows = sig_ptr + offs_n.to(tl.int64)[:, None] * stride_sn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k64 = offs_k.to(tl.int64)[None, :]
+        mask_k = (offs_k < K)[None, :]
+        x = tl.load(x_rows + k64 * stride_xk, mask=mask_m[:, None] & mask_k, other=0.0)
+        # out-of-range weight entries load sigma = mu = 0, so the tile is exactly 0 there
+        w_mask = mask_n[:, None] & mask_k
+        eps = normal_tile(key_w, rows_n, sample, k0, step_u, BLOCK_N, BLOCK_K)
+        w = tl.load(sig_rows + k64 * stride_sk, mask=w_mask, other=0.0) * eps
+        if HAS_MU:
+            w += tl.load(mu_rows + k64 * stride_muk, mask=w_mask, other=0.0)
+        acc = tl.dot(
+            to_dot(x, DTYPE, INTERPRET), tl.trans(to_dot(w, DTYPE, INTERPRET)), acc,
+            input_precision=PRECISION,
+        )  # fmt: skip
+    if HAS_BIAS:
+        eps_b = normal_row(key_b, pid_n * BLOCK_N, sample, step_u, BLOCK_N)
+        b = tl.load(bsig_ptr + offs_n, mask=mask_n, other=0.0) * eps_b
+        b += tl.load(bmu_ptr + offs_n, mask=mask_n, other=0.0)
+        acc += b[None, :]
+    y = (y_ptr + tl.cast(s, tl.int64) * stride_ys + offs_m.to(tl.int64)[:, None] * stride_ym
+         + offs_n.to(tl.int64)[None, :] * stride_yn)  # fmt: skip
+    tl.store(
+        y, to_store(acc, y_ptr.dtype.element_ty, INTERPRET), mask=mask_m[:, None] & mask_n[None, :]
+    )
+
+
+@triton.jit(do_not_specialize=["key_w", "first_sample", "step"])
+def _bayes_linear_bwd_dx_kernel(
+    dy_ptr, mu_ptr, sig_ptr, out_ptr,
+    S, B, N, K, SAMPLES_PER_PROGRAM,
+    stride_dys, stride_dym, stride_dyn,
+    stride_mun, stride_muk,
+    stride_sn, stride_sk,
+    stride_og, stride_om, stride_ok,
+    key_w, first_sample, step,
+    HAS_MU: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """``out[g] = sum_{s in group g} dy[s] @ W_s``, one ``(BLOCK_M, BLOCK_K)`` tile per
+    program, weight tiles regenerated.
+
+    dy: ``(S, B, N)``; out: ``(G, B, K)`` with ``G = cdiv(S, SAMPLES_PER_PROGRAM)``.
+    Per-sample input: one sample per group, ``out`` is dx itself. Shared input: groups of
+    samples, ``out`` is dx (one group) or fp32 partial sums reduced by the launcher.
+    """
+    pid = tl.program_id(0)
+    G = tl.cdiv(S, SAMPLES_PER_PROGRAM)
+    num_m = tl.cdiv(B, BLOCK_M)
+    g = pid % G
+    tile = pid // G
+    pid_m = tile % num_m
+    pid_k = tile // num_m
+    step_u = step.to(tl.uint32, bitcast=True)
+    first = first_sample.to(tl.uint32, bitcast=True)
+    DTYPE: tl.constexpr = dy_ptr.dtype.element_ty
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < B
+    mask_k = (offs_k < K)[None, :]
+    k64 = offs_k.to(tl.int64)[None, :]
+    m64 = offs_m.to(tl.int64)[:, None]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    s_lo = g * SAMPLES_PER_PROGRAM
+    s_hi = tl.minimum(S, s_lo + SAMPLES_PER_PROGRAM)
+    for s in range(s_lo, s_hi):
+        sample = first + tl.cast(s, tl.uint32)
+        dy_rows = dy_ptr + tl.cast(s, tl.int64) * stride_dys + m64 * stride_dym
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            n64 = offs_n.to(tl.int64)
+            dy = tl.load(
+                dy_rows + n64[None, :] * stride_dyn,
+                mask=mask_m[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            w_mask = mask_n[:, None] & mask_k
+            eps = normal_tile(
+                key_w, offs_n.to(tl.uint32), sample, pid_k * BLOCK_K, step_u, BLOCK_N, BLOCK_K
+            )
+            w = (
+                tl.load(
+                    sig_ptr + n64[:, None] * stride_sn + k64 * stride_sk, mask=w_mask, other=0.0
+                )
+                * eps
+            )
+            if HAS_MU:
+                w += tl.load(
+                    mu_ptr + n64[:, None] * stride_mun + k64 * stride_muk, mask=w_mask, other=0.0
+                )
+            acc = tl.dot(
+                to_dot(dy, DTYPE, INTERPRET),
+                to_dot(w, DTYPE, INTERPRET),
+                acc,
+                input_precision=PRECISION,
+            )
+    out = out_ptr + g.to(tl.int64) * stride_og + m64 * stride_om + k64 * stride_ok
+    tl.store(out, to_store(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask_m[:, None] & mask_k)
+
+
+@triton.jit(do_not_specialize=["key_w", "key_b", "first_sample", "step"])
+def _bayes_linear_bwd_dw_kernel(
+    x_ptr, dy_ptr, rho_ptr, brho_ptr, gmu_ptr, grho_ptr, gbmu_ptr, gbrho_ptr,
+    S, B, N, K,
+    stride_xs, stride_xm, stride_xk,
+    stride_dys, stride_dym, stride_dyn,
+    stride_rn, stride_rk,
+    key_w, key_b, first_sample, step,
+    HAS_MU: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    APPLY_SIGMOID: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """Weight (and bias) gradients summed over all samples, one ``(BLOCK_N, BLOCK_K)`` tile
+    per program: ``gmu = sum_s dW_s`` and ``grho = sigmoid(rho) * sum_s dW_s * eps_s``
+    (without the sigmoid when ``APPLY_SIGMOID`` is off), ``dW_s = dy[s]^T @ x[s]`` held in
+    registers only.
+
+    x: ``(S, B, K)`` (``stride_xs = 0`` when shared); dy: ``(S, B, N)``; rho ``(N, K)``;
+    gmu, grho: ``(N, K)`` fp32 contiguous; brho, gbmu, gbrho: ``(N,)`` fp32, the bias
+    gradients written by the programs of the first column of tiles (every program computes
+    them: it is ``1/BLOCK_K`` of its work, and it keeps the kernel free of cross-program
+    reductions).
+    """
+    pid = tl.program_id(0)
+    num_k = tl.cdiv(K, BLOCK_K)
+    pid_n = pid // num_k
+    pid_k = pid % num_k
+    step_u = step.to(tl.uint32, bitcast=True)
+    first = first_sample.to(tl.uint32, bitcast=True)
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    n64 = offs_n.to(tl.int64)
+    k64 = offs_k.to(tl.int64)
+    rows_n = offs_n.to(tl.uint32)
+
+    acc_mu = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_eps = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_bmu = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_beps = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for s in range(0, S):
+        sample = first + tl.cast(s, tl.uint32)
+        x_s = x_ptr + tl.cast(s, tl.int64) * stride_xs
+        dy_s = dy_ptr + tl.cast(s, tl.int64) * stride_dys
+        dw = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for m0 in range(0, B, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m64 = offs_m.to(tl.int64)
+            mask_m = offs_m < B
+            dy = tl.load(
+                dy_s + m64[:, None] * stride_dym + n64[None, :] * stride_dyn,
+                mask=mask_m[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            x = tl.load(
+                x_s + m64[:, None] * stride_xm + k64[None, :] * stride_xk,
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            dw = tl.dot(
+                tl.trans(to_dot(dy, DTYPE, INTERPRET)),
+                to_dot(x, DTYPE, INTERPRET),
+                dw,
+                input_precision=PRECISION,
+            )
+            if HAS_BIAS:
+                db += tl.sum(dy.to(tl.float32), axis=0)
+        eps = normal_tile(key_w, rows_n, sample, pid_k * BLOCK_K, step_u, BLOCK_N, BLOCK_K)
+        acc_eps += dw * eps
+        if HAS_MU:
+            acc_mu += dw
+        if HAS_BIAS:
+            eps_b = normal_row(key_b, pid_n * BLOCK_N, sample, step_u, BLOCK_N)
+            acc_bmu += db
+            acc_beps += db * eps_b
+    w_off = n64[:, None] * K + k64[None, :]
+    w_mask = mask_n[:, None] & mask_k[None, :]
+    if APPLY_SIGMOID:
+        # d softplus(rho) / d rho, applied here so no |W| temporary is needed for it
+        rho = tl.load(
+            rho_ptr + n64[:, None] * stride_rn + k64[None, :] * stride_rk, mask=w_mask, other=0.0
+        )
+        acc_eps = acc_eps / (1.0 + tl.exp(-rho))
+    tl.store(grho_ptr + w_off, acc_eps, mask=w_mask)
+    if HAS_MU:
+        tl.store(gmu_ptr + w_off, acc_mu, mask=w_mask)
+    if HAS_BIAS:
+        if pid_k == 0:
+            if APPLY_SIGMOID:
+                brho = tl.load(brho_ptr + n64, mask=mask_n, other=0.0)
+                acc_beps = acc_beps / (1.0 + tl.exp(-brho))
+            tl.store(gbmu_ptr + n64, acc_bmu, mask=mask_n)
+            tl.store(gbrho_ptr + n64, acc_beps, mask=mask_n)
+
+
+# ---------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Block sizes of one kernel launch (``BLOCK_K`` and ``BLOCK_N`` multiples of 4 where
+    they index weight columns; all powers of two >= 16 for ``tl.dot``)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _rows_block(B: int, cap: int) -> int:
+    return max(16, min(cap, next_pow2(B)))
+
+
+def default_config(kernel: str, B: int, dtype: torch.dtype) -> KernelConfig:
+    """Block sizes by shape (no autotuning: autotune does not run under the interpreter,
+    and a fixed rule keeps the fused/chunked dispatch rule predictable).
+
+    The GPU tables keep every kernel free of register spills on sm_90 (checked with
+    ptxas): generating a weight tile costs registers for the Philox state and the precise
+    sin/cos/log of Box-Muller, so a program makes at most ~8 noise elements per thread per
+    step, and the fp32 ``ieee`` dot (FMA, not tensor cores) gets smaller tiles still.
+    """
+    if interpret():
+        # few, large programs: each interpreted program costs Python overhead per op
+        return KernelConfig(_rows_block(B, 64), 64, 64)
+    wide = dtype != torch.float32  # 16-bit inputs: tensor-core dot
+    if kernel == "fwd":
+        if wide:
+            bm = _rows_block(B, 128)
+            m, n, k, w, st = {128: (128, 128, 16, 8, 4), 64: (64, 128, 16, 8, 4),
+                              32: (32, 64, 32, 4, 3), 16: (16, 128, 16, 4, 4)}[bm]  # fmt: skip
+            return KernelConfig(m, n, k, w, st)
+        bm = _rows_block(B, 64)
+        return KernelConfig(bm, 32 if bm == 64 else 64, 16, 4, 2)
+    if kernel == "dx":
+        if wide:
+            return KernelConfig(_rows_block(B, 128), 32, 64, 8, 3)
+        return KernelConfig(32, 16, 64, 4, 2)
+    if kernel == "dw":
+        # three (BLOCK_N, BLOCK_K) fp32 accumulators live in registers
+        return KernelConfig(64, 128, 32, 8, 3) if wide else KernelConfig(32, 64, 32, 4, 2)
+    raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def _config(configs: dict[str, KernelConfig] | None, kernel: str, B: int, dtype) -> KernelConfig:
+    cfg = (configs or {}).get(kernel) or default_config(kernel, B, dtype)
+    for v in (cfg.block_m, cfg.block_n, cfg.block_k):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"block sizes must be powers of two >= 16, got {cfg}")
+    return cfg
+
+
+def check_linear_inputs(
+    x: Tensor,
+    mu: Tensor | None,
+    rho: Tensor,
+    bias_mu: Tensor | None,
+    bias_rho: Tensor | None,
+    key: NoiseKey,
+    shared_input: bool,
+) -> int:
+    """Validate shapes/dtypes of a Bayesian linear call; returns the rows per sample B."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (S*B, K) or shared (B, K), got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if rho.dim() != 2:
+        raise ValueError(f"weight_rho must be 2-D (N, K), got shape {tuple(rho.shape)}")
+    for name, t in (("weight_mu", mu), ("weight_rho", rho), ("bias_mu", bias_mu),
+                    ("bias_rho", bias_rho)):  # fmt: skip
+        if t is not None and t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {t.dtype}")
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    N, K = rho.shape
+    if mu is not None and mu.shape != rho.shape:
+        raise ValueError(f"weight_mu shape {tuple(mu.shape)} != weight_rho shape {(N, K)}")
+    if x.shape[1] != K:
+        raise ValueError(f"x has {x.shape[1]} features, the weight expects K={K}")
+    if (bias_mu is None) != (bias_rho is None):
+        raise ValueError("bias_mu and bias_rho must both be given or both be None")
+    if bias_mu is not None and (bias_mu.shape != (N,) or bias_rho.shape != (N,)):
+        raise ValueError(f"bias_mu and bias_rho must have shape ({N},)")
+    S = key.num_samples
+    if shared_input:
+        return x.shape[0]
+    if x.shape[0] % S:
+        raise ValueError(
+            f"x has {x.shape[0]} rows, not divisible by num_samples={S} (expected (S*B, K))"
+        )
+    return x.shape[0] // S
+
+
+def _x_strides(x: Tensor, B: int, shared: bool) -> tuple[int, int, int]:
+    """Strides of x viewed as ``(S, B, K)``; the sample stride is 0 for a shared input."""
+    return (0 if shared else B * x.stride(0)), x.stride(0), x.stride(1)
+
+
+def bayes_linear_forward(
+    x: Tensor,
+    mu: Tensor | None,
+    sigma: Tensor,
+    bias_mu: Tensor | None,
+    bias_sigma: Tensor | None,
+    key: NoiseKey,
+    weight_id: int,
+    bias_id: int,
+    shared_input: bool,
+    config: KernelConfig | None = None,
+) -> Tensor:
+    """Fused forward: x ``(S*B, K)`` or shared ``(B, K)``; mu, sigma ``(N, K)`` fp32;
+    bias ``(N,)`` -> y ``(S*B, N)`` in x's dtype."""
+    S = key.num_samples
+    N, K = sigma.shape
+    B = x.shape[0] if shared_input else x.shape[0] // S
+    y = torch.empty((S * B, N), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    cfg = config or default_config("fwd", B, x.dtype)
+    mu_ = sigma if mu is None else mu  # placeholder pointer when HAS_MU=False
+    has_bias = bias_mu is not None
+    # the kernel reads biases with unit stride
+    bmu, bsig = (bias_mu.contiguous(), bias_sigma.contiguous()) if has_bias else (sigma, sigma)
+    grid = (S * triton.cdiv(B, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    _bayes_linear_fwd_kernel[grid](
+        x, mu_, sigma, bmu, bsig, y,
+        S, B, N, K,
+        *_x_strides(x, B, shared_input),
+        mu_.stride(0), mu_.stride(1), sigma.stride(0), sigma.stride(1),
+        B * y.stride(0), y.stride(0), y.stride(1),
+        philox_key(key.seed, weight_id), philox_key(key.seed, bias_id),
+        as_i32(key.first_sample), as_i32(key.step),
+        HAS_MU=mu is not None, HAS_BIAS=has_bias,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        PRECISION=dot_precision(x.dtype), INTERPRET=interpret(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return y
+
+
+def dx_groups(S: int, B: int, K: int, cfg: KernelConfig, device: torch.device) -> int:
+    """Sample groups of the shared-input dx kernel: enough programs to fill the GPU (about
+    two per SM) without more fp32 partial sums ``(G, B, K)`` than needed."""
+    tiles = triton.cdiv(B, cfg.block_m) * triton.cdiv(K, cfg.block_k)
+    want = triton.cdiv(2 * num_sms(device), tiles)
+    return max(1, min(S, want))
+
+
+def bayes_linear_backward_dx(
+    dy: Tensor,
+    mu: Tensor | None,
+    sigma: Tensor,
+    key: NoiseKey,
+    weight_id: int,
+    shared_input: bool,
+    B: int,
+    config: KernelConfig | None = None,
+    groups: int | None = None,
+) -> Tensor:
+    """``dx[s] = dy[s] @ W_s`` (per-sample input, ``(S*B, K)``) or ``sum_s dy[s] @ W_s``
+    (shared input, ``(B, K)``); dy ``(S*B, N)``. ``groups`` overrides the number of
+    sample groups of the shared case (partial sums reduced in fixed order)."""
+    S = key.num_samples
+    N, K = sigma.shape
+    dtype = dy.dtype
+    cfg = config or default_config("dx", B, dtype)
+    if shared_input:
+        G = groups or dx_groups(S, B, K, cfg, dy.device)
+        spp = triton.cdiv(S, G)
+        G = triton.cdiv(S, spp)
+        out = torch.empty((G, B, K), dtype=dtype if G == 1 else torch.float32, device=dy.device)
+    else:
+        spp, G = 1, S
+        out = torch.empty((S, B, K), dtype=dtype, device=dy.device)
+    if out.numel() == 0 or N == 0:
+        return torch.zeros((B if shared_input else S * B, K), dtype=dtype, device=dy.device)
+    mu_ = sigma if mu is None else mu
+    grid = (G * triton.cdiv(B, cfg.block_m) * triton.cdiv(K, cfg.block_k),)
+    _bayes_linear_bwd_dx_kernel[grid](
+        dy, mu_, sigma, out,
+        S, B, N, K, spp,
+        B * dy.stride(0), dy.stride(0), dy.stride(1),
+        mu_.stride(0), mu_.stride(1), sigma.stride(0), sigma.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        philox_key(key.seed, weight_id), as_i32(key.first_sample), as_i32(key.step),
+        HAS_MU=mu is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        PRECISION=dot_precision(dtype), INTERPRET=interpret(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if not shared_input:
+        return out.view(S * B, K)
+    if G == 1:
+        return out[0]
+    return out.sum(0).to(dtype)
+
+
+def bayes_linear_backward_dw(
+    x: Tensor,
+    dy: Tensor,
+    key: NoiseKey,
+    weight_id: int,
+    bias_id: int,
+    shape: tuple[int, int],
+    shared_input: bool,
+    B: int,
+    *,
+    rho: Tensor | None = None,
+    bias_rho: Tensor | None = None,
+    need_mu: bool = True,
+    need_bias: bool = False,
+    config: KernelConfig | None = None,
+) -> tuple[Tensor | None, Tensor, Tensor | None, Tensor | None]:
+    """``(grad_mu, grad_rho, grad_bias_mu, grad_bias_rho)`` as fp32, never materializing a
+    per-sample gradient: ``grad_mu = sum_s dW_s``, ``grad_rho = sigmoid(rho) * sum_s dW_s *
+    eps_s`` with ``dW_s = dy[s]^T x[s]``, and the same for the bias with
+    ``db_s = sum_b dy[s, b]``. Without ``rho`` (and ``bias_rho``) the ``*_rho`` results are
+    the bare sums ``sum_s dW_s * eps_s``. x ``(S*B, K)`` or shared ``(B, K)``; dy
+    ``(S*B, N)``; ``shape = (N, K)``."""
+    S = key.num_samples
+    N, K = shape
+    f32 = dict(dtype=torch.float32, device=x.device)
+    grho = torch.empty((N, K), **f32)
+    gmu = torch.empty((N, K), **f32) if need_mu else None
+    gbmu = torch.empty((N,), **f32) if need_bias else None
+    gbrho = torch.empty((N,), **f32) if need_bias else None
+    if B == 0:
+        for t in (grho, gmu, gbmu, gbrho):
+            if t is not None:
+                t.zero_()
+        return gmu, grho, gbmu, gbrho
+    if need_bias and (rho is None) != (bias_rho is None):
+        raise ValueError("give rho and bias_rho together (or neither)")
+    cfg = config or default_config("dw", B, x.dtype)
+    rho_ = grho if rho is None else rho  # placeholder pointers when not read
+    brho_ = grho if bias_rho is None else bias_rho.contiguous()  # read with unit stride
+    grid = (triton.cdiv(N, cfg.block_n) * triton.cdiv(K, cfg.block_k),)
+    _bayes_linear_bwd_dw_kernel[grid](
+        x, dy, rho_, brho_, grho if gmu is None else gmu, grho,
+        grho if gbmu is None else gbmu, grho if gbrho is None else gbrho,
+        S, B, N, K,
+        *_x_strides(x, B, shared_input),
+        B * dy.stride(0), dy.stride(0), dy.stride(1),
+        rho_.stride(0), rho_.stride(-1),
+        philox_key(key.seed, weight_id), philox_key(key.seed, bias_id),
+        as_i32(key.first_sample), as_i32(key.step),
+        HAS_MU=need_mu, HAS_BIAS=need_bias, APPLY_SIGMOID=rho is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        PRECISION=dot_precision(x.dtype), INTERPRET=interpret(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return gmu, grho, gbmu, gbrho
+
+
+# ---------------------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------------------
+
+
+def _softplus_or_none(t: Tensor | None) -> Tensor | None:
+    return None if t is None else F.softplus(t)
+
+
+class FusedBayesLinearFunction(torch.autograd.Function):
+    """Fused path: x ``(S*B, K)`` or shared ``(B, K)`` -> ``(S*B, N)``. ``mu=None`` is a
+    zero-mean weight (the flipout perturbation). Saves x and the parameters only."""
+
+    @staticmethod
+    def forward(ctx, x, mu, rho, bias_mu, bias_rho, key: NoiseKey, weight_id: int,
+                bias_id: int, shared_input: bool, configs: dict | None):  # fmt: skip
+        B = check_linear_inputs(x, mu, rho, bias_mu, bias_rho, key, shared_input)
+        check_device(x)
+        y = bayes_linear_forward(
+            x, mu, F.softplus(rho), bias_mu, _softplus_or_none(bias_rho), key, weight_id,
+            bias_id, shared_input, config=(configs or {}).get("fwd"),
+        )  # fmt: skip
+        ctx.save_for_backward(x, mu, rho, bias_rho)
+        ctx.key, ctx.ids, ctx.shared, ctx.B = key, (weight_id, bias_id), shared_input, B
+        ctx.has_mu, ctx.has_bias, ctx.configs = mu is not None, bias_mu is not None, configs
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mu, rho, bias_rho = ctx.saved_tensors
+        need_x, need_mu, need_rho, need_bmu, need_brho = ctx.needs_input_grad[:5]
+        key, (wid, bid), shared, B = ctx.key, ctx.ids, ctx.shared, ctx.B
+        configs = ctx.configs or {}
+        dy = dy.to(x.dtype)
+        dx = g_mu = g_rho = g_bmu = g_brho = None
+        if need_x:
+            # softplus(rho) lives only while the dx kernel runs: the peak extra memory of
+            # the backward is max(|W| + dx, the gradients themselves)
+            dx = bayes_linear_backward_dx(
+                dy, mu, F.softplus(rho), key, wid, shared, B, config=configs.get("dx"),
+                groups=configs.get("dx_groups"),
+            )  # fmt: skip
+        if need_mu or need_rho or need_bmu or need_brho:
+            g_mu, g_rho, g_bmu, g_brho = bayes_linear_backward_dw(
+                x, dy, key, wid, bid, tuple(rho.shape), shared, B, rho=rho,
+                bias_rho=bias_rho, need_mu=ctx.has_mu and need_mu, need_bias=ctx.has_bias,
+                config=configs.get("dw"),
+            )  # fmt: skip
+            g_rho = g_rho if need_rho else None
+            g_bmu = g_bmu if need_bmu else None
+            g_brho = g_brho if need_brho else None
+        return dx, g_mu, g_rho, g_bmu, g_brho, None, None, None, None, None
+
+
+class ChunkedBayesLinearFunction(torch.autograd.Function):
+    """Chunked path, same contract as :class:`FusedBayesLinearFunction`: the sampling
+    kernel writes a chunk of samples' weights (``chunk_samples`` of them, bounded by
+    ``SPAR_CHUNK_NUMEL``) into a workspace, cuBLAS multiplies."""
+
+    @staticmethod
+    def forward(ctx, x, mu, rho, bias_mu, bias_rho, key: NoiseKey, weight_id: int,
+                bias_id: int, shared_input: bool, configs: dict | None):  # fmt: skip
+        B = check_linear_inputs(x, mu, rho, bias_mu, bias_rho, key, shared_input)
+        check_device(x)
+        S = key.num_samples
+        N, K = rho.shape
+        sig = F.softplus(rho)
+        xs = x if shared_input else x.view(S, B, K)
+        y = x.new_empty((S, B, N))
+        c = chunk_samples(S, N * K)
+        work = x.new_empty((c, N, K))
+        for lo in range(0, S, c):
+            hi = min(S, lo + c)
+            w = sample_weights(mu, sig, key, weight_id, (lo, hi), out=work[: hi - lo])
+            torch.matmul(xs if shared_input else xs[lo:hi], w.transpose(1, 2), out=y[lo:hi])
+        if bias_mu is not None:
+            b = sample_weights(
+                bias_mu.view(1, N), F.softplus(bias_rho).view(1, N), key, bias_id
+            )  # (S, 1, N) fp32
+            y += b.to(x.dtype)  # rounded to x's dtype first, as the torch backend does
+        ctx.save_for_backward(x, mu, rho, bias_rho)
+        ctx.key, ctx.ids, ctx.shared, ctx.B = key, (weight_id, bias_id), shared_input, B
+        ctx.has_mu, ctx.has_bias = mu is not None, bias_mu is not None
+        return y.view(S * B, N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mu, rho, bias_rho = ctx.saved_tensors
+        need_x, need_mu, need_rho, need_bmu, need_brho = ctx.needs_input_grad[:5]
+        key, (wid, bid), shared, B = ctx.key, ctx.ids, ctx.shared, ctx.B
+        S = key.num_samples
+        N, K = rho.shape
+        dy = dy.to(x.dtype)
+        dys = dy.view(S, B, N)
+        xs = x if shared else x.view(S, B, K)
+        need_w = need_mu or need_rho
+        sig = F.softplus(rho) if need_x else None
+        dx = dx_acc = g_mu = g_rho = g_bmu = g_brho = None
+        if need_x:
+            if shared:
+                dx_acc = torch.zeros((B, K), dtype=torch.float32, device=x.device)
+            else:
+                dx = x.new_empty((S, B, K))
+        c = chunk_samples(S, N * K)
+        work_w = x.new_empty((c, N, K)) if need_x else None
+        work_g = x.new_empty((c, N, K)) if need_w else None
+        for lo in range(0, S, c):
+            hi = min(S, lo + c)
+            dy_c = dys[lo:hi]
+            if need_x:
+                w = sample_weights(mu, sig, key, wid, (lo, hi), out=work_w[: hi - lo])
+                if shared:
+                    # sum_s dy_s @ W_s as one GEMM over the concatenated (sample, n) axis
+                    dy_cat = dy_c.permute(1, 0, 2).reshape(B, (hi - lo) * N)
+                    dx_acc += torch.mm(dy_cat, w.view((hi - lo) * N, K)).float()
+                else:
+                    torch.matmul(dy_c, w, out=dx[lo:hi])
+            if need_w:
+                x_c = xs if shared else xs[lo:hi]
+                gw = torch.matmul(dy_c.transpose(1, 2), x_c, out=work_g[: hi - lo])
+                g_mu, g_rho = sample_weights_backward(
+                    gw, key, wid, (lo, hi), grad_mu=g_mu, grad_eps=g_rho,
+                    need_mu=ctx.has_mu and need_mu, rho=rho if hi == S else None,
+                )  # fmt: skip
+        del work_w, work_g
+        if need_x:
+            dx = dx_acc.to(x.dtype) if shared else dx.view(S * B, K)
+        g_rho = g_rho if need_rho else None
+        if ctx.has_bias and (need_bmu or need_brho):
+            db = dys.float().sum(1).view(S, 1, N)
+            g_bmu, g_brho = sample_weights_backward(db, key, bid, need_mu=need_bmu,
+                                                    rho=bias_rho.view(1, N))  # fmt: skip
+            g_bmu = None if g_bmu is None else g_bmu.view(N)
+            g_brho = g_brho.view(N) if need_brho else None
+        return dx, g_mu, g_rho, g_bmu, g_brho, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------
+
+
+def choose_path(rows_per_sample: int) -> str:
+    """``fused`` or ``chunked`` for a per-sample batch of ``rows_per_sample`` rows (see the
+    module docstring for the rule); ``SPAR_LINEAR_PATH`` forces one."""
+    forced = os.environ.get("SPAR_LINEAR_PATH", "auto").strip().lower()
+    if forced in PATHS:
+        return forced
+    if forced != "auto":
+        raise ValueError(f"SPAR_LINEAR_PATH must be one of auto, fused, chunked; got {forced!r}")
+    return "fused" if rows_per_sample <= FUSED_MAX_ROWS else "chunked"
+
+
+def bayes_linear_reparam(
+    x: Tensor,
+    weight_mu: Tensor | None,
+    weight_rho: Tensor,
+    bias_mu: Tensor | None,
+    bias_rho: Tensor | None,
+    key: NoiseKey,
+    *,
+    weight_id: int,
+    bias_id: int,
+    shared_input: bool = False,
+    path: str | None = None,
+    configs: dict | None = None,
+) -> Tensor:
+    """S weight samples of a linear layer: x ``(S*B, K)`` or shared ``(B, K)`` ->
+    ``(S*B, N)``. ``path`` (``fused``/``chunked``) overrides :func:`choose_path`;
+    ``configs`` maps ``fwd``/``dx``/``dw`` to :class:`KernelConfig` (tests, tuning)."""
+    B = check_linear_inputs(x, weight_mu, weight_rho, bias_mu, bias_rho, key, shared_input)
+    path = path or choose_path(B)
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    fn = FusedBayesLinearFunction if path == "fused" else ChunkedBayesLinearFunction
+    return fn.apply(
+        x, weight_mu, weight_rho, bias_mu, bias_rho, key, weight_id, bias_id, shared_input,
+        configs,
+    )  # fmt: skip

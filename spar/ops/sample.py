@@ -1,0 +1,324 @@
+"""Materialized weight samples ``W_s = mu + softplus(rho) * eps_s`` (Triton).
+
+For layers whose GEMM is not fused with the noise (convolutions through cuDNN, the chunked
+linear path) this writes the weights of a range of global samples into a buffer, and its
+backward reduces the per-sample weight gradients into ``grad_mu`` and ``grad_rho`` with
+``eps`` regenerated from the noise key: ``eps`` is never stored.
+
+A parameter of any shape is viewed as the 2-D array ``(rows, cols) = (shape[0],
+numel // shape[0])`` of the noise key (a vector is one row), see :mod:`spar.rng`.
+
+Order in this file: kernels -> launchers -> ``SampleWeightsFunction`` -> ``sample_weight``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from spar.ops._triton_utils import (
+    as_i32,
+    check_device,
+    interpret,
+    normal_tile,
+    philox_key,
+    to_store,
+)
+from spar.rng import NoiseKey
+
+# ---------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["key", "first_sample", "step"])
+def _sample_weights_kernel(
+    mu_ptr, sig_ptr, out_ptr,
+    R, C, num_samples,
+    stride_mur, stride_muc,
+    stride_sr, stride_sc,
+    stride_os, stride_or, stride_oc,
+    key, first_sample, step,
+    HAS_MU: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """``out[s] = mu + sig * eps_{first_sample + s}``: one ``(BLOCK_R, BLOCK_C)`` tile of
+    one sample per program. out: ``(num_samples, R, C)``; mu, sig: ``(R, C)`` fp32."""
+    pid = tl.program_id(0)
+    # samples vary fastest so that programs reading the same mu/sigma tile run together
+    s = pid % num_samples
+    tile = pid // num_samples
+    num_c = tl.cdiv(C, BLOCK_C)
+    pid_r = tile // num_c
+    pid_c = tile % num_c
+
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_r < R)[:, None] & (offs_c < C)[None, :]
+    r64 = offs_r.to(tl.int64)[:, None]
+    c64 = offs_c.to(tl.int64)[None, :]
+
+    sample = first_sample.to(tl.uint32, bitcast=True) + tl.cast(s, tl.uint32)
+    eps = normal_tile(
+        key, offs_r.to(tl.uint32), sample, pid_c * BLOCK_C, step.to(tl.uint32, bitcast=True),
+        BLOCK_R, BLOCK_C,
+    )  # fmt: skip
+    w = tl.load(sig_ptr + r64 * stride_sr + c64 * stride_sc, mask=mask, other=0.0) * eps
+    if HAS_MU:
+        w += tl.load(mu_ptr + r64 * stride_mur + c64 * stride_muc, mask=mask, other=0.0)
+    out = out_ptr + tl.cast(s, tl.int64) * stride_os + r64 * stride_or + c64 * stride_oc
+    tl.store(out, to_store(w, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit(do_not_specialize=["key", "first_sample", "step"])
+def _sample_weights_bwd_kernel(
+    g_ptr, rho_ptr, gmu_ptr, geps_ptr,
+    R, C, num_samples,
+    stride_gs, stride_gr, stride_gc,
+    stride_rr, stride_rc,
+    stride_ar, stride_ac,
+    key, first_sample, step,
+    HAS_MU: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    APPLY_SIGMOID: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """``gmu (+)= sum_s g[s]``, ``geps (+)= sum_s g[s] * eps_s``, with eps regenerated;
+    with ``APPLY_SIGMOID`` the finished ``geps`` is multiplied by ``sigmoid(rho)`` (it
+    becomes ``grad_rho``).
+
+    g: ``(num_samples, R, C)`` any float dtype; rho ``(R, C)``; gmu, geps: ``(R, C)`` fp32
+    sharing the strides ``stride_a*``. Each program owns one tile and walks all samples,
+    so the sum over samples is deterministic without atomics.
+    """
+    pid = tl.program_id(0)
+    num_c = tl.cdiv(C, BLOCK_C)
+    pid_r = pid // num_c
+    pid_c = pid % num_c
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_r < R)[:, None] & (offs_c < C)[None, :]
+    r64 = offs_r.to(tl.int64)[:, None]
+    c64 = offs_c.to(tl.int64)[None, :]
+    rows = offs_r.to(tl.uint32)
+    step_u = step.to(tl.uint32, bitcast=True)
+    first = first_sample.to(tl.uint32, bitcast=True)
+
+    acc_mu = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    acc_eps = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    g_base = g_ptr + r64 * stride_gr + c64 * stride_gc
+    for s in range(0, num_samples):
+        g = tl.load(g_base + tl.cast(s, tl.int64) * stride_gs, mask=mask, other=0.0).to(tl.float32)
+        eps = normal_tile(
+            key, rows, first + tl.cast(s, tl.uint32), pid_c * BLOCK_C, step_u, BLOCK_R, BLOCK_C
+        )
+        acc_mu += g
+        acc_eps += g * eps
+    a_off = r64 * stride_ar + c64 * stride_ac
+    if ACCUMULATE:
+        acc_eps += tl.load(geps_ptr + a_off, mask=mask, other=0.0)
+    if APPLY_SIGMOID:
+        rho = tl.load(rho_ptr + r64 * stride_rr + c64 * stride_rc, mask=mask, other=0.0)
+        acc_eps = acc_eps / (1.0 + tl.exp(-rho))
+    tl.store(geps_ptr + a_off, acc_eps, mask=mask)
+    if HAS_MU:
+        if ACCUMULATE:
+            acc_mu += tl.load(gmu_ptr + a_off, mask=mask, other=0.0)
+        tl.store(gmu_ptr + a_off, acc_mu, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------
+
+
+def _block(R: int, C: int, block: tuple[int, int] | None) -> tuple[int, int]:
+    if block is not None:
+        br, bc = block
+        if bc % 4 or bc & (bc - 1) or br & (br - 1):
+            raise ValueError(f"block must be powers of two with cols % 4 == 0, got {block}")
+        return br, bc
+    # GPU: 2 K elements per program keeps the Philox + Box-Muller temporaries in registers
+    # (ptxas, sm_90: 96 registers forward, 126 backward, no spills); the interpreter wants
+    # fewer, bigger programs (each one is a Python call)
+    if interpret():
+        return 32, 64
+    return 16, 128
+
+
+def _sample_range(key: NoiseKey, samples: tuple[int, int] | None) -> tuple[int, int]:
+    lo, hi = (0, key.num_samples) if samples is None else samples
+    if not 0 <= lo <= hi <= key.num_samples:
+        raise ValueError(f"samples must satisfy 0 <= lo <= hi <= {key.num_samples}, got {samples}")
+    return lo, hi
+
+
+def as_rows_cols(t: Tensor) -> Tensor:
+    """A parameter as the 2-D ``(rows, cols)`` array of the noise key (vector: one row)."""
+    if t.dim() == 0:
+        return t.reshape(1, 1)
+    if t.dim() == 1:
+        return t.reshape(1, -1)
+    return t.reshape(t.shape[0], -1)
+
+
+def sample_weights(
+    mu: Tensor | None,
+    sigma: Tensor,
+    key: NoiseKey,
+    pid: int,
+    samples: tuple[int, int] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    out: Tensor | None = None,
+    block: tuple[int, int] | None = None,
+) -> Tensor:
+    """Weights of local samples ``[lo, hi)`` (default: all of ``key``):
+    mu, sigma ``(R, C)`` fp32 (``mu=None``: zero mean) -> ``(hi - lo, R, C)`` in ``dtype``
+    (default fp32), written into ``out`` when given (a bounded workspace)."""
+    lo, hi = _sample_range(key, samples)
+    if sigma.dim() != 2:
+        raise ValueError(f"sigma must be 2-D (rows, cols), got shape {tuple(sigma.shape)}")
+    if mu is not None and mu.shape != sigma.shape:
+        raise ValueError(f"mu shape {tuple(mu.shape)} != sigma shape {tuple(sigma.shape)}")
+    check_device(mu, sigma)
+    R, C = sigma.shape
+    c = hi - lo
+    dtype = dtype or torch.float32
+    if out is None:
+        out = torch.empty((c, R, C), dtype=dtype, device=sigma.device)
+    elif out.shape != (c, R, C):
+        raise ValueError(f"out must have shape {(c, R, C)}, got {tuple(out.shape)}")
+    if c == 0 or R * C == 0:
+        return out
+    br, bc = _block(R, C, block)
+    mu_ = sigma if mu is None else mu  # placeholder pointer, never read when HAS_MU=False
+    grid = (c * triton.cdiv(R, br) * triton.cdiv(C, bc),)
+    _sample_weights_kernel[grid](
+        mu_, sigma, out, R, C, c,
+        mu_.stride(0), mu_.stride(1), sigma.stride(0), sigma.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        philox_key(key.seed, pid), as_i32(key.first_sample + lo), as_i32(key.step),
+        HAS_MU=mu is not None, BLOCK_R=br, BLOCK_C=bc, INTERPRET=interpret(),
+    )  # fmt: skip
+    return out
+
+
+def sample_weights_backward(
+    grad_w: Tensor,
+    key: NoiseKey,
+    pid: int,
+    samples: tuple[int, int] | None = None,
+    *,
+    grad_mu: Tensor | None = None,
+    grad_eps: Tensor | None = None,
+    need_mu: bool = True,
+    rho: Tensor | None = None,
+    block: tuple[int, int] | None = None,
+) -> tuple[Tensor | None, Tensor]:
+    """Reduce per-sample weight gradients ``grad_w (c, R, C)`` of local samples
+    ``[lo, hi)``: returns ``(sum_s grad_w[s], sum_s grad_w[s] * eps_s)`` as fp32 ``(R, C)``.
+
+    Given ``grad_mu``/``grad_eps`` buffers, the sums are added to them in place (the chunked
+    path walks its chunks sequentially, so this stays deterministic). Given ``rho`` (on the
+    last call only), the second result is finished into ``grad_rho = sigmoid(rho) * sum``.
+    """
+    lo, hi = _sample_range(key, samples)
+    c, R, C = grad_w.shape
+    if c != hi - lo:
+        raise ValueError(f"grad_w has {c} samples, expected {hi - lo}")
+    check_device(grad_w)
+    accumulate = grad_eps is not None
+    f32 = dict(dtype=torch.float32, device=grad_w.device)
+    if grad_eps is None:
+        grad_eps = torch.empty((R, C), **f32)
+    if need_mu and grad_mu is None:
+        if accumulate:
+            raise ValueError("grad_mu must be given with grad_eps when accumulating")
+        grad_mu = torch.empty((R, C), **f32)
+    for t in (grad_mu, grad_eps):
+        if t is not None and (t.shape != (R, C) or t.dtype != torch.float32):
+            raise ValueError(f"gradient buffers must be fp32 {(R, C)}, got {t.dtype} {t.shape}")
+        if t is not None and not t.is_contiguous():
+            raise ValueError("gradient buffers must be contiguous")
+    if R * C == 0:
+        return grad_mu, grad_eps
+    if c == 0:
+        if not accumulate:
+            grad_eps.zero_()
+            if grad_mu is not None:
+                grad_mu.zero_()
+        elif rho is not None:
+            grad_eps.mul_(torch.sigmoid(rho))
+        return grad_mu, grad_eps
+    br, bc = _block(R, C, block)
+    grid = (triton.cdiv(R, br) * triton.cdiv(C, bc),)
+    gmu = grad_eps if grad_mu is None else grad_mu  # placeholder pointers when not read
+    rho_ = grad_eps if rho is None else rho
+    if rho is not None and rho.shape != (R, C):
+        raise ValueError(f"rho must have shape {(R, C)}, got {tuple(rho.shape)}")
+    _sample_weights_bwd_kernel[grid](
+        grad_w, rho_, gmu, grad_eps, R, C, c,
+        grad_w.stride(0), grad_w.stride(1), grad_w.stride(2), rho_.stride(0), rho_.stride(1),
+        C, 1,
+        philox_key(key.seed, pid), as_i32(key.first_sample + lo), as_i32(key.step),
+        HAS_MU=grad_mu is not None, ACCUMULATE=accumulate, APPLY_SIGMOID=rho is not None,
+        BLOCK_R=br, BLOCK_C=bc,
+    )  # fmt: skip
+    return grad_mu, grad_eps
+
+
+# ---------------------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------------------
+
+
+class SampleWeightsFunction(torch.autograd.Function):
+    """``W = mu + softplus(rho) * eps``: mu, rho ``(*shape)`` fp32 (``mu=None``: zero
+    mean) -> ``(S, *shape)`` in ``dtype``. Saves only ``rho`` (the output is the caller's
+    business); eps is regenerated in backward."""
+
+    @staticmethod
+    def forward(ctx, mu, rho, key: NoiseKey, pid: int, dtype: torch.dtype | None):
+        sig = F.softplus(as_rows_cols(rho))
+        mu2 = None if mu is None else as_rows_cols(mu)
+        w = sample_weights(mu2, sig, key, pid, dtype=dtype or rho.dtype)
+        ctx.save_for_backward(rho)
+        ctx.key, ctx.pid, ctx.has_mu = key, pid, mu is not None
+        return w.view(key.num_samples, *rho.shape)
+
+    @staticmethod
+    def backward(ctx, grad_w):
+        (rho,) = ctx.saved_tensors
+        S = ctx.key.num_samples
+        need_mu = ctx.has_mu and ctx.needs_input_grad[0]
+        rho2 = as_rows_cols(rho)
+        g = grad_w.reshape(S, *rho2.shape)
+        g_mu, g_rho = sample_weights_backward(g, ctx.key, ctx.pid, need_mu=need_mu, rho=rho2)
+        g_rho = g_rho.view_as(rho) if ctx.needs_input_grad[1] else None
+        if g_mu is not None:
+            g_mu = g_mu.view_as(rho)
+        return g_mu, g_rho, None, None, None
+
+
+def sample_weight(
+    mu: Tensor | None,
+    rho: Tensor,
+    key: NoiseKey,
+    pid: int,
+    *,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Differentiable weight samples of ``key``: ``(S, *rho.shape)``; gradients reach
+    ``mu`` and ``rho`` summed over samples, with no stored noise."""
+    if mu is not None and mu.shape != rho.shape:
+        raise ValueError(f"mu shape {tuple(mu.shape)} != rho shape {tuple(rho.shape)}")
+    if rho.dtype != torch.float32 or (mu is not None and mu.dtype != torch.float32):
+        raise TypeError("mu and rho must be float32")
+    return SampleWeightsFunction.apply(mu, rho, key, pid, dtype)

@@ -1,0 +1,91 @@
+"""Run a function on N local processes as if launched by ``torchrun`` (CPU/gloo testing,
+benchmarks, notebooks).
+
+Each child gets torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``), so the function calls :func:`spar.distributed.init`
+exactly as in a real job. The function must be importable by the children (defined at
+module level; in a script, guard the call with ``if __name__ == "__main__":``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["free_port", "spawn"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _child(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, queue) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        queue.put((rank, True, fn(*args)))
+    except BaseException:  # report everything, including KeyboardInterrupt, to the parent
+        queue.put((rank, False, traceback.format_exc()))
+        raise
+
+
+def spawn(
+    fn: Callable[..., Any], nprocs: int, args: tuple = (), *, timeout: float = 600.0
+) -> list[Any]:
+    """Run ``fn(*args)`` on ``nprocs`` spawned processes; return their results by rank.
+
+    Raises ``RuntimeError`` with every failing rank's traceback if any rank raises, and
+    terminates all children if they do not finish within ``timeout`` seconds.
+    """
+    if nprocs < 1:
+        raise ValueError(f"nprocs must be >= 1, got {nprocs}")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_child, args=(fn, r, nprocs, port, args, queue), daemon=True)
+        for r in range(nprocs)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, tuple[bool, Any]] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) < nprocs:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"spawned ranks did not finish within {timeout} s")
+            try:
+                rank, ok, value = queue.get(timeout=min(left, 1.0))
+                results[rank] = (ok, value)
+                if not ok:
+                    break  # the others may now be stuck in a collective: stop them below
+            except Exception:  # queue.Empty: check whether a child died without reporting
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead and all(r not in results for r in dead):
+                    raise RuntimeError(f"rank(s) {dead} exited without a result") from None
+    finally:
+        for p in procs:
+            p.join(timeout=1.0 if len(results) < nprocs else 30.0)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    errors = {r: v for r, (ok, v) in results.items() if not ok}
+    if errors:
+        text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+        raise RuntimeError(f"{len(errors)} rank(s) failed:\n{text}")
+    return [results[r][1] for r in range(nprocs)]

@@ -1,0 +1,234 @@
+"""``SampleParallel``: split the S Monte Carlo samples of a step across ranks.
+
+On a ``sample x data`` grid (``a x b`` ranks), the rank at ``(sample_rank=i, data_rank=j)``
+evaluates global samples ``[i * S/a, (i + 1) * S/a)`` on data shard ``j``. Its noise comes
+from the noise key ``(seed, step, param_id, global sample, element)`` (invariant I1), so the
+union of the ranks' samples is exactly the sample set of one process running all S: no
+``seed + rank`` reseeding, hence no approximation in the hybrid or in the mixture loss.
+Gradients are averaged over the whole world by :class:`~spar.distributed.reducer.Reducer`
+(why the world mean is exact for both ELBO reductions is written there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from spar.distributed.collectives import all_gather_samples, broadcast_tensors
+from spar.distributed.grid import Grid, make_grid
+from spar.distributed.reducer import Reducer, StepTimings
+from spar.nn import MonteCarlo, is_bayesian
+
+__all__ = ["AUGMENT_MODES", "SampleParallel", "augment_seed"]
+
+AUGMENT_MODES = ("independent", "shared", "none")
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def augment_seed(seed: int, sample_rank: int, data_rank: int) -> int:
+    """A 63-bit seed for the augmentation generator of grid position
+    ``(sample_rank, data_rank)``; well mixed, so neighbouring ranks get unrelated streams."""
+    h = _splitmix64(seed & _MASK64)
+    h = _splitmix64(h ^ (sample_rank & _MASK64))
+    h = _splitmix64(h ^ ((data_rank << 32) & _MASK64))
+    return h >> 1
+
+
+class SampleParallel(nn.Module):
+    """Sampling parallelism for a Bayesian model (see the module docstring).
+
+    Args:
+        model: the Bayesian model; it sees the folded batch ``(S_local * B_local, ...)``.
+        num_samples: S, the total number of Monte Carlo samples per step; must be divisible
+            by ``grid.sample``.
+        grid: from :func:`spar.distributed.init`; default the grid of the initialized
+            default group with ``sample = world`` (or a local grid).
+        seed: noise seed (shared by all ranks: it is part of the noise key).
+        bucket_mb, first_bucket_mb, comm_dtype, find_unused_parameters, timeout: passed
+            to the gradient :class:`~spar.distributed.reducer.Reducer`.
+        augment: ``"independent"``: every rank gets its own augmentation stream (the
+            ranks of a sample group then see differently augmented copies of the same
+            batch, which the paper reports to converge faster); ``"shared"``: the ranks of a
+            sample group share one stream (needed for grid invariance I3); ``"none"``/None:
+            no generator.
+        broadcast: copy rank 0's parameters and buffers to every rank at wrap time.
+
+    Attributes:
+        module: the inner :class:`spar.nn.MonteCarlo` (``state_dict`` keys start with
+            ``module.``). ``model`` is the wrapped model itself.
+        augment_generator: ``torch.Generator`` (CPU) for the training loop's random
+            augmentation, seeded with :attr:`augment_seed`; ``None`` with ``augment="none"``.
+        reducer: the gradient reducer (``None`` on a one-rank grid).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_samples: int,
+        grid: Grid | None = None,
+        *,
+        seed: int = 0,
+        bucket_mb: float = 25.0,
+        first_bucket_mb: float = 1.0,
+        augment: str | None = "independent",
+        comm_dtype: torch.dtype | None = None,
+        find_unused_parameters: bool = False,
+        broadcast: bool = True,
+        timeout: float | datetime.timedelta | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+            raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if augment is None:
+            augment = "none"
+        if augment not in AUGMENT_MODES:
+            raise ValueError(f"augment must be one of {AUGMENT_MODES} or None, got {augment!r}")
+        grid = make_grid() if grid is None else grid
+        if not isinstance(grid, Grid):
+            raise TypeError(f"grid must be a spar.distributed.Grid, got {type(grid).__name__}")
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if grid.world_size != world:
+            raise ValueError(
+                f"grid sample={grid.sample} x data={grid.data} = {grid.world_size} does not "
+                f"match the world size {world}; build the grid with spar.distributed.init() "
+                "or make_grid() on this job"
+            )
+        if grid.world_size > 1 and grid.world_group is None:
+            raise ValueError(
+                f"grid {grid} has no process groups (a virtual grid); build it with "
+                "spar.distributed.init() or make_grid()"
+            )
+        if num_samples % grid.sample:
+            raise ValueError(
+                f"num_samples={num_samples} is not divisible by the sample axis "
+                f"grid.sample={grid.sample} ({num_samples} % {grid.sample} = "
+                f"{num_samples % grid.sample}); use a multiple of {grid.sample}"
+            )
+        if grid.device.type == "cuda":
+            off = [n for n, p in model.named_parameters() if p.device != grid.device]
+            if off:
+                raise ValueError(
+                    f"parameters must be on this rank's device {grid.device}; move the model "
+                    f"first (model.to(grid.device)). Off device: {', '.join(off[:5])}"
+                )
+        if not any(is_bayesian(m) for m in model.modules()):
+            warnings.warn(
+                "SampleParallel wraps a model without Bayesian layers: every sample (and so "
+                "every rank of a sample group) computes the same output; use "
+                "spar.nn.bayesianize or spar.nn.Bayes* layers",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.grid = grid
+        self.num_samples = num_samples
+        self.local_samples = num_samples // grid.sample
+        self.first_sample = grid.sample_rank * self.local_samples
+        self.augment = augment
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # we warned about it above
+            self.module = MonteCarlo(
+                model, self.local_samples, seed=seed, first_sample=self.first_sample
+            )
+        self.reducer: Reducer | None = None
+        if grid.world_size > 1:
+            # built first: it validates its arguments, and it runs no collective
+            self.reducer = Reducer(
+                self.module,
+                grid.world_group,
+                bucket_mb=bucket_mb,
+                first_bucket_mb=first_bucket_mb,
+                comm_dtype=comm_dtype,
+                find_unused_parameters=find_unused_parameters,
+                timeout=timeout,
+            )
+            if broadcast:
+                states = [*self.module.parameters(), *self.module.buffers()]
+                broadcast_tensors(states, grid.world_group, bucket_mb=bucket_mb)
+        if augment == "none":
+            self.augment_seed: int | None = None
+            self.augment_generator: torch.Generator | None = None
+        else:
+            srank = grid.sample_rank if augment == "independent" else 0
+            self.augment_seed = augment_seed(seed, srank, grid.data_rank)
+            self.augment_generator = torch.Generator()
+            self.augment_generator.manual_seed(self.augment_seed)
+
+    @property
+    def model(self) -> nn.Module:
+        """The wrapped model."""
+        return self.module.model
+
+    @property
+    def step(self) -> int:
+        """The training step of the noise key (advanced by every training-mode forward)."""
+        return self.module.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.module.step = value
+
+    @property
+    def last_timings(self) -> StepTimings | None:
+        """The reducer's timings of the latest synchronized backward."""
+        return None if self.reducer is None else self.reducer.last_timings
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients without communication (gradient accumulation)."""
+        if self.reducer is None:
+            yield
+        else:
+            with self.reducer.no_sync():
+                yield
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """This rank's samples of the predictive.
+
+        Args:
+            x: ``(B_local, ...)``, the local batch (the same on every rank of the sample group).
+
+        Returns:
+            ``(S_local, B_local, ...)``: row ``k`` is global sample ``first_sample + k``.
+        """
+        if not isinstance(x, Tensor) or x.dim() == 0:
+            raise TypeError("SampleParallel expects a batched tensor input (B, ...)")
+        # data rank j holds examples [j * B_local, (j + 1) * B_local) of the global batch
+        # (the GridSampler layout): per-example noise is keyed by that global index
+        self.module.data_offset = self.grid.data_rank * x.shape[0]
+        return self.module(x, *args, **kwargs)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """The full predictive: all S samples, gathered over the sample group.
+
+        Args:
+            x: ``(B_local, ...)``.
+
+        Returns:
+            ``(S, B_local, ...)`` on every rank of the sample group, samples in global order.
+        """
+        return all_gather_samples(self(x, *args, **kwargs), self.grid.sample_group)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_samples={self.num_samples}, local_samples={self.local_samples}, "
+            f"first_sample={self.first_sample}, mode={self.grid.mode!r}, augment={self.augment!r}"
+        )

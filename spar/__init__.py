@@ -4,8 +4,8 @@ Fused sampling kernels, sampling parallelism over ``torch.distributed`` and drop
 Bayesian layers; see README.md and DESIGN.md.
 """
 
-from spar import losses, metrics, nn
+from spar import data, distributed, losses, metrics, nn
 from spar.nn.sampling import sampling
 
 __version__ = "0.1.0"
-__all__ = ["losses", "metrics", "nn", "sampling", "__version__"]
+__all__ = ["data", "distributed", "losses", "metrics", "nn", "sampling", "__version__"]

@@ -53,8 +53,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        # torch's messages run to pages: keep the first sentence
+        reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
         raise CheckpointError(
-            f"{path} is not a readable checkpoint: {type(e).__name__}: {e}"
+            f"{path} is not a readable checkpoint ({type(e).__name__}: {reason})"
         ) from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a spar checkpoint (no '{FORMAT}' marker)")

@@ -1,0 +1,109 @@
+"""The main job end to end: `spar train` on 2 gloo processes, resume, errors, `spar info`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from spar.checkpoint import load_checkpoint
+
+
+def _spar(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "spar", *args],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )  # fmt: skip
+
+
+TINY = ("--epochs", "1", "--samples", "2", "--batch-size", "256", "--no-progress")
+
+
+@pytest.mark.slow
+def test_train_two_processes_writes_everything(tmp_path):
+    r = _spar("train", *TINY, "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("metrics.json", "reliability.png", "uncertainty.png", "checkpoint.pt"):
+        assert (tmp_path / name).is_file(), name
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["grid"] == {"sample": 2, "data": 1, "mode": "sp"}
+    assert len(report["peak_memory_mib"]) == 2
+    assert 0.0 <= report["accuracy"] <= 1.0
+    assert "OOD AUROC (mutual information)" in r.stdout
+
+
+@pytest.mark.slow
+def test_resume_is_bit_identical_and_grid_shape_may_change(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = ("--samples", "2", "--batch-size", "256", "--no-progress", "--augment", "independent")
+    r = _spar("train", *common, "--epochs", "2", "--out", str(full))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _spar("train", *common, "--epochs", "1", "--out", str(part))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _spar("train", *common, "--epochs", "2", "--out", str(part), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_checkpoint(full / "checkpoint.pt"), load_checkpoint(part / "checkpoint.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # a checkpoint of the 2x1 grid continues on a 1x2 grid (parameters are replicated)
+    r = _spar("train", *common, "--epochs", "3", "--out", str(part), "--resume", "--mode", "ddp")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert load_checkpoint(part / "checkpoint.pt")["grid"] == [1, 2]
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_stays(tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(b"\x00garbage")
+    r = _spar("train", "--out", str(tmp_path), "--resume")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "not a readable checkpoint" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert ckpt.read_bytes() == b"\x00garbage"
+    torch.save({"model": {}}, ckpt)
+    r = _spar("train", "--out", str(tmp_path), "--resume")
+    assert r.returncode == 2 and "not a spar checkpoint" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("--mode", "pipeline"), "invalid choice: 'pipeline'"),
+        (("--samples", "3"), "not divisible by the sample axis"),
+        (("--device", "cuda"), "no CUDA GPU"),
+        (("--samples", "0"), "must be >= 1"),
+        (("--lr", "fast"), "expected a number"),
+        (("--mode", "hybrid", "--sample-axis", "2", "--data-axis", "2"), "does not match"),
+        (("--resume",), "no checkpoint"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = _spar("train", "--out", str(tmp_path / "x"), *args, timeout=60)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_config_file(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('samples = 3\nmode = "sp"\n')
+    r = _spar("train", "--config", str(cfg), "--out", str(tmp_path / "x"), timeout=60)
+    assert r.returncode == 2 and "--samples 3 is not divisible" in r.stderr
+    cfg.write_text("sampels = 4\n")
+    r = _spar("train", "--config", str(cfg), timeout=60)
+    assert r.returncode == 2 and "unknown keys sampels" in r.stderr
+
+
+def test_info_runs():
+    r = _spar("info", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "torch" in r.stdout and "backends:" in r.stdout and "GPUs" in r.stdout

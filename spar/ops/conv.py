@@ -123,9 +123,10 @@ def conv_torch(
         return y
     batch = x.shape[0] // S
     if estimator == "lrt":
-        var_b = None if bias_rho is None else F.softplus(bias_rho).square()
-        mean = conv(x, weight_mu, bias_mu, **kw)
-        var = conv(x * x, F.softplus(weight_rho).square(), var_b, **kw)
+        dt = x.dtype  # parameters stay fp32; the convolutions run in the input's dtype
+        var_b = None if bias_rho is None else F.softplus(bias_rho).square().to(dt)
+        mean = conv(x, weight_mu.to(dt), None if bias_mu is None else bias_mu.to(dt), **kw)
+        var = conv(x * x, F.softplus(weight_rho).square().to(dt), var_b, **kw)
         eps = key.normal(
             noise_ids[0], (batch, *mean.shape[1:]), first_row=key.data_offset, device=x.device
         )
@@ -137,7 +138,7 @@ def conv_torch(
             x * r.flatten(0, 1).to(x.dtype), None, weight_rho, key, weight_id, conv_args
         )
         q = sign(key.normal(noise_ids[1], (batch, *pert.shape[1:]), first_row=off, device=dev))
-        y = conv(x, weight_mu, None, **kw) + pert * q.flatten(0, 1).to(x.dtype)
+        y = conv(x, weight_mu.to(x.dtype), None, **kw) + pert * q.flatten(0, 1).to(x.dtype)
         if bias_mu is not None:
             y = _add_bias(y, _sampled_bias(bias_mu, bias_rho, key, bias_id))
         return y

@@ -138,12 +138,10 @@ def linear_torch(
     N = weight_mu.shape[0]
     if estimator == "lrt":
         eps = key.normal(noise_ids[0], (batch, N), first_row=key.data_offset, device=x.device)
-        mean = F.linear(x, weight_mu, bias_mu)
-        var = F.linear(
-            x * x,
-            F.softplus(weight_rho).square(),
-            None if bias_rho is None else F.softplus(bias_rho).square(),
-        )
+        dt = x.dtype  # parameters stay fp32; the GEMMs run in the input's dtype
+        var_b = None if bias_rho is None else F.softplus(bias_rho).square().to(dt)
+        mean = F.linear(x, weight_mu.to(dt), None if bias_mu is None else bias_mu.to(dt))
+        var = F.linear(x * x, F.softplus(weight_rho).square().to(dt), var_b)
         return mean + torch.sqrt(var.clamp_min(1e-30)) * eps.flatten(0, 1).to(x.dtype)
     if estimator == "flipout":
         K = weight_mu.shape[1]
@@ -153,7 +151,7 @@ def linear_torch(
         pert = SampledLinearFn.apply(
             x * r.flatten(0, 1).to(x.dtype), None, weight_rho, key, weight_id, False
         )
-        y = F.linear(x, weight_mu) + pert * q.flatten(0, 1).to(x.dtype)
+        y = F.linear(x, weight_mu.to(x.dtype)) + pert * q.flatten(0, 1).to(x.dtype)
         if bias_mu is not None:
             y = _add_bias(y, _sampled_bias(bias_mu, bias_rho, key, bias_id))
         return y

@@ -303,3 +303,30 @@ def test_sigma_is_stable_for_extreme_rho():
     torch.testing.assert_close(
         F.softplus(rho), torch.tensor([1e-8, 1e-2, 1.0, 50.0], dtype=torch.float64)
     )
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_keep_fp32_parameters(estimator, dtype):
+    torch.manual_seed(8)
+    lin = BayesLinear(16, 8, init_sigma=0.1, estimator=estimator)
+    conv = BayesConv2d(2, 4, 3, padding=1, init_sigma=0.1, estimator=estimator)
+    x, z = torch.randn(6, 16), torch.randn(6, 2, 5, 5)
+    results = {}
+    for dt in (torch.float32, dtype):
+        for p in (*lin.parameters(), *conv.parameters()):
+            p.grad = None
+        with spar.sampling(2, seed=1, step=0):
+            y, w = lin(x.to(dt)), conv(z.to(dt))
+        assert y.dtype == dt and w.dtype == dt
+        (y.float().square().sum() + w.float().square().sum()).backward()
+        results[dt] = [
+            y.float(),
+            w.float(),
+            lin.weight_rho.grad.clone(),
+            conv.weight_mu.grad.clone(),
+        ]
+    assert lin.weight_rho.grad.dtype == torch.float32
+    for lo, hi in zip(results[dtype], results[torch.float32], strict=True):
+        # half precision keeps ~3 significant digits; compare relative to the tensor's scale
+        assert (lo - hi).abs().max() <= 3e-2 * hi.abs().max() + 1e-3

@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -130,25 +131,43 @@ def _normals4(c0, c1, c2, c3, k0, k1) -> torch.Tensor:
     return torch.stack((n0, n1, n2, n3), dim=-1)
 
 
-def _block_normals(n: int, s0, r0, nr, g0, ng, step, k0, k1) -> torch.Tensor:
-    """Normals ``(n, 4)`` for the counter grid samples x rows x column groups, flattened
-    row-major from ``(s0, r0, g0)`` with ``nr`` rows and ``ng`` groups per block. Every
-    argument but ``n`` is a 0-d int64 tensor, so one compiled loop serves all keys/shapes."""
-    idx = torch.arange(n, dtype=torch.int64, device=k0.device)
-    c0 = idx % ng + g0
-    c1 = (idx // ng) % nr + r0
-    c2 = idx // (ng * nr) + s0
-    return _normals4(c0, c1, c2, torch.zeros_like(c0) + step, k0, k1)
+def _block(ns: int, nr: int, ng: int, s0, r0, g0, step, k0, k1) -> torch.Tensor:
+    """Normals ``(ns, nr, 4 * ng)`` of the counter block samples ``s0 + [0, ns)`` x rows
+    ``r0 + [0, nr)`` x column groups ``g0 + [0, ng)``. Offsets and keys are 0-d int64
+    tensors, so one compiled loop serves every key and step."""
+    dev = k0.device
+    c0 = (torch.arange(ng, dtype=torch.int64, device=dev) + g0).view(1, 1, ng)
+    c1 = (torch.arange(nr, dtype=torch.int64, device=dev) + r0).view(1, nr, 1)
+    c2 = (torch.arange(ns, dtype=torch.int64, device=dev) + s0).view(ns, 1, 1)
+    c0, c1, c2 = torch.broadcast_tensors(c0, c1, c2)
+    return _normals4(c0, c1, c2, torch.zeros_like(c0) + step, k0, k1).view(ns, nr, 4 * ng)
+
+
+def _block_normal(ns, nr, ng, ncols, s0, r0, g0, step, k0, k1):
+    return _block(ns, nr, ng, s0, r0, g0, step, k0, k1)[..., :ncols]
+
+
+def _block_sample(ns, nr, ng, ncols, s0, r0, g0, step, k0, k1, mu, sig):
+    # W = mu + sigma * eps, formed in the generator's loop: eps never reaches memory
+    return mu + sig * _block(ns, nr, ng, s0, r0, g0, step, k0, k1)[..., :ncols]
+
+
+_KERNELS = {"normal": _block_normal, "sample": _block_sample}
 
 
 def _compiler_available() -> bool:
     return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("cc") is not None
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_block_normals():
-    # dynamic=True: one compiled loop serves every shape and every key value.
-    return torch.compile(_block_normals, dynamic=True, fullgraph=True)
+@functools.cache
+def _compiled(kind: str):
+    # dynamic=True: sizes are symbolic, offsets and keys are tensors, so a handful of
+    # compiled loops (sizes 1 and >1 specialize) serve every layer, key and step
+    return torch.compile(_KERNELS[kind], dynamic=True, fullgraph=True)
+
+
+_compile_failed: set[str] = set()
+_RECOMPILE_LIMIT = 64
 
 
 def _use_compile(device: torch.device) -> bool:
@@ -160,6 +179,62 @@ def _use_compile(device: torch.device) -> bool:
     if flag in ("1", "true", "on", "yes"):
         return True
     return _compiler_available()
+
+
+def _call(kind: str, compiled: bool, *args):
+    if compiled and kind not in _compile_failed:
+        try:
+            # sizes 1 vs >1, column remainders and dtypes each specialize: allow enough
+            # variants for a whole model without touching the global limit
+            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+                return _compiled(kind)(*args)
+        except Exception as e:  # noqa: BLE001 - e.g. recompile limit, no working compiler
+            _compile_failed.add(kind)
+            warnings.warn(
+                f"spar.rng: torch.compile of the {kind!r} noise loop failed ({type(e).__name__}); "
+                "using the slower eager generator",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _KERNELS[kind](*args)
+
+
+def _as_2d(shape: tuple[int, ...]) -> tuple[int, int]:
+    numel = 1
+    for d in shape:
+        numel *= d
+    rows = shape[0] if len(shape) > 1 else 1
+    return rows, (numel // rows if rows else 0)
+
+
+def _run(kind, seed, step, pid, first_sample, num_samples, rows, cols, first_row, device, out,
+         *operands):  # fmt: skip
+    """Fill ``out`` (``(num_samples, rows, cols)``) block by block. Compiled, one block
+    covers everything (the fused loop needs no temporaries); eager, blocks of
+    ``_CHUNK_COUNTERS`` counters keep the ~20 int64 temporaries in cache."""
+    compiled = _use_compile(device)
+    ngroups = (cols + 3) // 4
+    t = functools.partial(torch.tensor, dtype=torch.int64, device=device)
+    k0, k1, step_t = t(seed), t(pid), t(step & MASK32)
+    budget = 1 << 62 if compiled else _CHUNK_COUNTERS
+    g_step = min(ngroups, budget)
+    r_step = max(1, budget // g_step)
+    s_step = max(1, budget // (g_step * rows))
+    with torch.no_grad():
+        for s0 in range(0, num_samples, s_step):
+            s1 = min(num_samples, s0 + s_step)
+            for r0 in range(0, rows, r_step):
+                r1 = min(rows, r0 + r_step)
+                for g0 in range(0, ngroups, g_step):
+                    g1 = min(ngroups, g0 + g_step)
+                    c0, c1 = 4 * g0, min(cols, 4 * g1)
+                    extra = tuple(o[r0:r1, c0:c1] for o in operands)
+                    block = _call(
+                        kind, compiled, s1 - s0, r1 - r0, g1 - g0, c1 - c0,
+                        t(first_sample + s0), t(first_row + r0), t(g0), step_t, k0, k1, *extra,
+                    )  # fmt: skip
+                    out[s0:s1, r0:r1, c0:c1] = block
+    return out
 
 
 def normal(
@@ -182,36 +257,36 @@ def normal(
     """
     shape = tuple(int(d) for d in shape)
     device = torch.device("cpu") if device is None else torch.device(device)
-    numel = 1
-    for d in shape:
-        numel *= d
-    if numel == 0 or num_samples == 0:
-        return torch.zeros((num_samples, *shape), dtype=torch.float32, device=device)
-    rows = shape[0] if len(shape) > 1 else 1
-    cols = numel // rows
-    ngroups = (cols + 3) // 4
-    fn = _compiled_block_normals() if _use_compile(device) else _block_normals
-    t = functools.partial(torch.tensor, dtype=torch.int64, device=device)
-    k0, k1, step_t = t(seed), t(pid), t(step & MASK32)
-    out = torch.empty((num_samples, rows, ngroups * 4), dtype=torch.float32, device=device)
-    # chunk along samples, then rows, then column groups so every call stays cache-sized
-    groups_per_chunk = min(ngroups, _CHUNK_COUNTERS)
-    rows_per_chunk = max(1, _CHUNK_COUNTERS // groups_per_chunk)
-    samples_per_chunk = max(1, _CHUNK_COUNTERS // (groups_per_chunk * rows))
-    with torch.no_grad():
-        for s0 in range(0, num_samples, samples_per_chunk):
-            s1 = min(num_samples, s0 + samples_per_chunk)
-            for r0 in range(0, rows, rows_per_chunk):
-                r1 = min(rows, r0 + rows_per_chunk)
-                for g0 in range(0, ngroups, groups_per_chunk):
-                    g1 = min(ngroups, g0 + groups_per_chunk)
-                    ns, nr, ng = s1 - s0, r1 - r0, g1 - g0
-                    block = fn(
-                        ns * nr * ng, t(first_sample + s0), t(first_row + r0), t(nr),
-                        t(g0), t(ng), step_t, k0, k1,
-                    )  # fmt: skip
-                    out[s0:s1, r0:r1, 4 * g0 : 4 * g1] = block.view(ns, nr, 4 * ng)
-    return out[:, :, :cols].reshape(num_samples, *shape)
+    rows, cols = _as_2d(shape)
+    out = torch.empty((num_samples, rows, cols), dtype=torch.float32, device=device)
+    if out.numel():
+        _run("normal", seed, step, pid, first_sample, num_samples, rows, cols, first_row,
+             device, out)  # fmt: skip
+    return out.view(num_samples, *shape)
+
+
+def sample(
+    seed: int,
+    step: int,
+    pid: int,
+    first_sample: int,
+    num_samples: int,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    *,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Sampled weights ``W_s = mu + sigma * eps_s``: ``(num_samples, *mu.shape)`` in
+    ``dtype`` (default ``mu.dtype``), with the noise of :func:`normal` formed in the same
+    loop that consumes it (on CPU with ``torch.compile``: eps is never materialized)."""
+    shape = tuple(mu.shape)
+    rows, cols = _as_2d(shape)
+    out = torch.empty((num_samples, rows, cols), dtype=dtype or mu.dtype, device=mu.device)
+    if out.numel():
+        mu2, sig2 = mu.detach().reshape(rows, cols), sigma.detach().reshape(rows, cols)
+        _run("sample", seed, step, pid, first_sample, num_samples, rows, cols, 0, mu.device,
+             out, mu2, sig2)  # fmt: skip
+    return out.view(num_samples, *shape)
 
 
 def philox_uint32(seed: int, pid: int, c0: torch.Tensor, c1: int, c2: int, c3: int) -> torch.Tensor:
@@ -261,3 +336,18 @@ class NoiseKey:
             first_row=first_row,
             device=device,
         ).to(dtype)
+
+    def sample(
+        self,
+        pid: int,
+        mu: torch.Tensor,
+        sigma: torch.Tensor,
+        *,
+        samples: tuple[int, int] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Weights ``mu + sigma * eps_s`` ``(n, *mu.shape)`` for local samples ``[lo, hi)``."""
+        lo, hi = (0, self.num_samples) if samples is None else samples
+        return sample(
+            self.seed, self.step, pid, self.first_sample + lo, hi - lo, mu, sigma, dtype=dtype
+        )

@@ -15,6 +15,7 @@ from spar.checkpoint import load_checkpoint
 
 def _spar(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("SPAR_RNG_COMPILE", None)  # the user's default: the compiled noise loop
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     return subprocess.run(

@@ -101,6 +101,7 @@ def test_same_key_same_noise_and_each_part_matters():
 
 
 def test_noise_independent_of_chunking(monkeypatch):
+    monkeypatch.setenv("SPAR_RNG_COMPILE", "0")  # the eager generator works in chunks
     full = rng.normal(5, 6, 7, 0, 9, (33, 21))
     # split over samples as ranks would
     parts = torch.cat([rng.normal(5, 6, 7, lo, n, (33, 21)) for lo, n in ((0, 4), (4, 1), (5, 4))])
@@ -116,12 +117,18 @@ def test_rows_offset_for_per_example_noise():
     assert torch.equal(full[:, 6:], tail)
 
 
-def test_compiled_and_eager_agree(monkeypatch):
+@pytest.mark.parametrize("shape", [(50, 30), (7, 3, 2), (5,), (1, 1)])
+def test_compiled_and_eager_agree(monkeypatch, shape):
+    mu, sig = torch.randn(shape), torch.rand(shape) + 0.1
     monkeypatch.setenv("SPAR_RNG_COMPILE", "1")
-    a = rng.normal(3, 4, 5, 0, 3, (50, 30))
+    a = rng.normal(3, 4, 5, 2, 3, shape)
+    w_a = rng.sample(3, 4, 5, 2, 3, mu, sig)
     monkeypatch.setenv("SPAR_RNG_COMPILE", "0")
-    b = rng.normal(3, 4, 5, 0, 3, (50, 30))
+    b = rng.normal(3, 4, 5, 2, 3, shape)
+    w_b = rng.sample(3, 4, 5, 2, 3, mu, sig)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(w_a, w_b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(w_b, mu + sig * b, rtol=1e-6, atol=1e-6)
 
 
 def test_moments_are_standard_normal():

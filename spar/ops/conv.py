@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spar.ops.linear import _add_bias, _chunks, _sampled_bias, sign
+from spar.ops.linear import _add_bias, _chunks, _sampled_bias, _weights, sign
 from spar.rng import NoiseKey
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -45,10 +45,9 @@ class SampledConvFn(torch.autograd.Function):
         xs = x.unflatten(0, (S, -1))
         for lo, hi in _chunks(S, rho.numel()):
             c = hi - lo
-            eps = key.normal(pid, rho.shape, samples=(lo, hi), device=rho.device, dtype=rho.dtype)
-            w = sig * eps if mu is None else torch.addcmul(mu, sig, eps)
+            w = _weights(key, pid, mu, sig, lo, hi, x.dtype)
             xg = _to_groups(xs[lo:hi].flatten(0, 1), c)
-            y = conv(xg, w.to(x.dtype).flatten(0, 1), None, stride, padding, dilation, c * groups)
+            y = conv(xg, w.flatten(0, 1), None, stride, padding, dilation, c * groups)
             outs.append(_from_groups(y, c))
         ctx.save_for_backward(x, mu, rho)
         ctx.key, ctx.pid, ctx.conv_args = key, pid, conv_args
@@ -86,7 +85,7 @@ class SampledConvFn(torch.autograd.Function):
                 if need_mu:
                     g_mu += gw.sum(0)
                 if need_rho:
-                    g_rho += (gw * eps).sum(0)
+                    g_rho += gw.mul_(eps).sum(0)  # in place: gw is not needed any more
         if need_rho:
             g_rho *= torch.sigmoid(rho)
         if dx is not None:

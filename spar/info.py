@@ -64,9 +64,16 @@ def render(info: dict) -> str:
         "backends:",
     ]
     for name, err in info["backends"].items():
-        lines.append(f"  {name:<8} {'ok' if err is None else 'unavailable: ' + err}")
-    interp = "ok" if info["triton"] else "unavailable: triton not installed"
-    lines.append(f"  {'triton interpreter (TRITON_INTERPRET=1, CPU tests)':<8} {interp}")
+        status = "loads" if err is None else "unavailable: " + err
+        if err is None and name == "torch":
+            status = "ok (CPU and GPU)"
+        elif err is None and name == "triton":
+            status = (
+                "ok (runs for CUDA tensors)"
+                if info["cuda_available"]
+                else "loads; no GPU here, so its kernels run only under TRITON_INTERPRET=1 (tests)"
+            )
+        lines.append(f"  {name:<8} {status}")
     if info["gpus"]:
         lines.append("GPUs:")
         for d in info["gpus"]:

@@ -378,7 +378,13 @@ def run(cfg: TrainConfig) -> dict | None:
                     loss.backward()
                     opt.step()
                     seen += len(idx)
-                    loss_sum += float(loss.detach()) * len(idx)
+                    loss_value = float(loss.detach())
+                    if not math.isfinite(loss_value):
+                        raise FloatingPointError(
+                            f"the loss became {loss_value} at epoch {epoch + 1}, step {i + 1}; "
+                            "lower --lr or --init-sigma (the last checkpoint is intact)"
+                        )
+                    loss_sum += loss_value * len(idx)
                     correct += int((outputs.softmax(-1).mean(0).argmax(-1) == y).sum())
                     rate = seen * grid.data / (time.perf_counter() - t0)
                     stats = {"loss": loss_sum / seen, "acc": correct / seen, "rate": rate}

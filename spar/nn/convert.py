@@ -66,13 +66,28 @@ def bayesianize(
         raise ValueError(f"skip names {unknown} are not modules of the model")
     targets = (nn.Linear, *_CONV)
     if type(model) in targets:
+        _check_finite(type(model).__name__, model)
         new = _convert("", model, prior, init_sigma)
         assign_noise_names(new)
         return new
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
+    todo = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
             full = f"{name}.{child_name}" if name else child_name
             if type(child) in targets and not _skipped(full, skip):
-                setattr(module, child_name, _convert(full, child, prior, init_sigma))
+                todo.append((module, child_name, full, child))
+    # check everything before replacing anything: a refused model stays as it was
+    for _, _, full, child in todo:
+        _check_finite(full, child)
+    for module, child_name, full, child in todo:
+        setattr(module, child_name, _convert(full, child, prior, init_sigma))
     assign_noise_names(model)
     return model
+
+
+def _check_finite(name: str, m: nn.Module) -> None:
+    for pname, p in m.named_parameters(recurse=False):
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(
+                f"{name}.{pname} has non-finite values; they cannot become posterior means"
+            )

@@ -77,3 +77,12 @@ def test_bayesianize_a_bare_layer_returns_the_replacement():
     new = bayesianize(conv)
     assert isinstance(new, BayesConv2d)
     torch.testing.assert_close(new.weight_mu, conv.weight)
+
+
+def test_non_finite_weights_are_refused():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"2\.weight has non-finite values"):
+        bayesianize(model)
+    assert type(model[0]) is nn.Linear  # nothing was replaced

@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from spar.ops import reference  # noqa: E402
 from spar.ops.linear import linear_torch  # noqa: E402
 from spar.rng import NoiseKey, param_id  # noqa: E402
+from spar.telemetry import Telemetry  # noqa: E402
 
 PROVIDERS = (
     "spar_fused", "spar_chunked", "spar_torch", "bmm", "torch_ref", "torch_blue",
@@ -69,7 +70,8 @@ FIELDS = (
     "run_id", "date", "device", "device_name", "torch", "triton", "spar", "torch_blue",
     "bayesian_torch", "python", "threads", "provider", "mode", "S", "B", "N", "K", "dtype",
     "shared", "ms_median", "ms_q20", "ms_q80", "tflops", "peak_extra_mb", "workspace_mb",
-    "weight_mb", "mem_ratio", "workspace_ratio", "ratio_to_bmm", "note",
+    "weight_mb", "mem_ratio", "workspace_ratio", "ratio_to_bmm", "nvml_peak_mb",
+    "gpu_util", "note",
 )  # fmt: skip
 WID, BID = param_id("bench.weight"), param_id("bench.bias")
 
@@ -326,7 +328,11 @@ def run(args: argparse.Namespace) -> list[dict]:
                     continue
                 for mode in args.modes:
                     fn = step_fn(case, mode)
-                    med, q20, q80 = time_ms(fn, device)
+                    # NVML sees what the allocator does not: context, cuBLAS workspaces
+                    gpu = (device.index or 0) if device.type == "cuda" else None
+                    with Telemetry(interval=0.05, gpu_index=gpu) as tel:
+                        med, q20, q80 = time_ms(fn, device)
+                    nvml = tel.summary()
                     mem, work = peak_extra_mb(fn, device)
                     if mode == "full":  # y (S*B, N) lives until the backward returns
                         work -= cfg.S * cfg.B * cfg.N * torch.finfo(dtype).bits / 8 / 2**20
@@ -347,6 +353,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                         "mem_ratio": "" if math.isnan(mem) else f"{mem / weight_mb:.3f}",
                         "workspace_ratio": "" if math.isnan(work) else f"{work / weight_mb:.3f}",
                         "ratio_to_bmm": "", "note": case.note,
+                        "nvml_peak_mb": "" if nvml.peak_gpu_memory is None
+                        else f"{nvml.peak_gpu_memory / 2**20:.1f}",
+                        "gpu_util": "" if nvml.mean_gpu_util is None
+                        else f"{nvml.mean_gpu_util:.1f}",
                     }  # fmt: skip
                     rows.append(row)
                     print(
@@ -365,13 +375,17 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: Path, overwrite: bool) -> None:
+    """Append ``rows``; a file written with older columns is rewritten with the current
+    ones (old rows keep their values, new columns stay empty)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = overwrite or not path.exists()
-    with path.open("w" if new else "a", newline="") as f:
+    old: list[dict] = []
+    if path.exists() and not overwrite:
+        with path.open(newline="") as f:
+            old = list(csv.DictReader(f))
+    with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        for row in rows:
+        w.writeheader()
+        for row in [*old, *rows]:
             w.writerow({k: row.get(k, "") for k in FIELDS})
 
 

@@ -51,11 +51,32 @@ class BayesModule(nn.Module):
 
     def _init_bayes(self, prior, init_sigma: float, estimator: str) -> None:
         self.init_sigma = _check_init_sigma(init_sigma)
-        self.estimator = _check_estimator(estimator)
+        self._estimator = _check_estimator(estimator)
         # set from the qualified name by MonteCarlo / bayesianize / SampleParallel
         self.noise_name = f"_anonymous{next(_anonymous)}"
-        self._calls = 0
+        # the step outside any sampling context: a CPU tensor (not a buffer, not in
+        # state_dict), so that a compiled layer reads it as data
+        self._calls = torch.zeros((), dtype=torch.int64)
         self._set_priors(prior)
+
+    @property
+    def estimator(self) -> str:
+        return self._estimator
+
+    @estimator.setter
+    def estimator(self, value: str) -> None:
+        self._estimator = _check_estimator(value)
+        self._id_kw = self._compute_ids()
+
+    @property
+    def noise_name(self) -> str:
+        """The name the noise key's parameter ids derive from (the qualified name)."""
+        return self._noise_name
+
+    @noise_name.setter
+    def noise_name(self, value: str) -> None:
+        self._noise_name = value
+        self._id_kw = self._compute_ids()
 
     def _set_priors(self, prior) -> None:
         priors = prior if isinstance(prior, dict) else {}
@@ -108,17 +129,24 @@ class BayesModule(nn.Module):
     def _state(self) -> SamplingState:
         state = current_sampling()
         if state is None:
-            state = SamplingState(1, 0, self._calls & 0xFFFFFFFF)
-            self._calls += 1
+            state = SamplingState(1, 0, self._calls)  # the ops take the step modulo 2**32
+            # a new tensor, not an in-place add: inductor (torch 2.13) may recompute the
+            # state's copy of the step from this tensor for backward, after the add
+            self._calls = self._calls + 1
         return state
 
-    def _ids(self) -> dict:
+    def _compute_ids(self) -> dict:
         n = self.noise_name
         return dict(
             weight_id=rng.param_id(f"{n}.weight"),
             bias_id=rng.param_id(f"{n}.bias"),
             noise_ids=(rng.param_id(f"{n}#{self.estimator}.in"), rng.param_id(f"{n}#out")),
         )
+
+    def _ids(self) -> dict:
+        """The parameter ids of this layer's noise, computed when the name or the estimator
+        is set (hashing strings is not traceable by torch.compile)."""
+        return self._id_kw
 
     def _key(self, x: Tensor) -> rng.NoiseKey:
         state = self._state()
@@ -129,7 +157,11 @@ class BayesModule(nn.Module):
                 "folded (S*B, ...) batch"
             )
         return rng.NoiseKey(
-            state.seed, state.step, state.first_sample, state.num_samples, state.data_offset
+            state.seed,
+            state.step_tensor,
+            state.first_sample,
+            state.num_samples,
+            state.data_offset,
         )
 
     def _bias(self) -> tuple[Tensor | None, Tensor | None]:

@@ -24,6 +24,10 @@ class MonteCarlo(nn.Module):
 
     first_sample: global index of local sample 0 (sampling parallelism splits S this way).
     data_offset: global index of the first example of the local batch (per-example noise).
+
+    ``torch.compile(MonteCarlo(model, S), fullgraph=True)`` works: the step reaches the
+    Bayesian ops as a tensor (the buffer), so advancing it does not recompile. The backend
+    (``SPAR_BACKEND``) is chosen when the model is traced.
     """
 
     def __init__(
@@ -65,13 +69,16 @@ class MonteCarlo(nn.Module):
             raise TypeError("MonteCarlo expects a batched tensor input (B, ...)")
         S = self.num_samples
         folded = x.unsqueeze(0).expand(S, *x.shape).reshape(S * x.shape[0], *x.shape[1:])
+        # the step buffer itself, not int(step): under torch.compile it stays data
         with sampling(
-            S, seed=self.seed, step=self.step, first_sample=self.first_sample,
+            S, seed=self.seed, step=self._step, first_sample=self.first_sample,
             data_offset=self.data_offset,
         ):  # fmt: skip
             out = self.model(folded, *args, **kwargs)
         if self.training:
-            self._step += 1
+            # a new tensor, not an in-place add: inductor (torch 2.13) may recompute the
+            # sampling state's copy of the step from the buffer for backward, after the add
+            self._step = self._step + 1
         if not isinstance(out, Tensor) or out.shape[0] != folded.shape[0]:
             raise ValueError(
                 "the wrapped model must return a tensor whose first dimension is the folded "

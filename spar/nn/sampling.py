@@ -10,6 +10,12 @@ parameter is keyed by ``(seed, step, param_id, global sample, element)`` (see
 that one process evaluating ``[0, 8)`` draws for those samples. ``data_offset`` is the
 global index of the first example of the local batch; estimators with per-example noise
 (``lrt``, ``flipout``) key that noise by the global example index.
+
+The step reaches the ops as data: the state keeps it as a 0-d int64 CPU tensor
+(``step_tensor``, its own copy), which the ops read when they run. A model compiled with
+``torch.compile`` is therefore not recompiled when the step changes, whether the step comes
+from :class:`spar.nn.MonteCarlo`'s step buffer or from ``sampling(..., step=i)``; the other
+fields are ints, and a change of any of them recompiles.
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
 
 from spar.rng import check_seed
 
@@ -26,22 +35,42 @@ _MAX_U32 = 2**32
 
 @dataclass(frozen=True)
 class SamplingState:
+    """The active sampling context. ``step`` is an int, or a one-element integer tensor
+    (:class:`spar.nn.MonteCarlo` passes its step buffer; the value is not range-checked,
+    it is taken modulo ``2**32`` as the counter); ``step_tensor`` is the state's own 0-d
+    int64 CPU copy of it, the step the ops read."""
+
     num_samples: int
     seed: int
-    step: int
+    step: int | Tensor
     first_sample: int = 0
     data_offset: int = 0
+    step_tensor: Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("num_samples", "step", "first_sample", "data_offset"):
+        for name in ("num_samples", "first_sample", "data_offset"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         check_seed(self.seed)
-        if not 0 <= self.step < _MAX_U32:
-            raise ValueError(f"step must be in [0, 2**32), got {self.step}")
+        step = self.step
+        if isinstance(step, Tensor):
+            if step.numel() != 1 or step.dtype.is_floating_point or step.dtype.is_complex:
+                raise TypeError(
+                    f"step must be an int or a one-element integer tensor, got a tensor of "
+                    f"dtype {step.dtype} and shape {tuple(step.shape)}"
+                )
+            # a copy: the step a backward pass regenerates noise with cannot change under it
+            step_t = step.detach().reshape(()).to("cpu", torch.int64, copy=True)
+        else:
+            if isinstance(step, bool) or not isinstance(step, int):
+                raise TypeError(f"step must be an int, got {type(step).__name__}")
+            if not 0 <= step < _MAX_U32:
+                raise ValueError(f"step must be in [0, 2**32), got {step}")
+            step_t = torch.tensor(step, dtype=torch.int64)
+        object.__setattr__(self, "step_tensor", step_t)
         if self.first_sample < 0 or self.first_sample + self.num_samples > _MAX_U32:
             raise ValueError(
                 f"first_sample must be >= 0 with first_sample + num_samples <= 2**32, got "
@@ -51,29 +80,40 @@ class SamplingState:
             raise ValueError(f"data_offset must be >= 0, got {self.data_offset}")
 
 
-_local = threading.local()
+class _Local(threading.local):
+    def __init__(self) -> None:
+        # every thread starts with a stack: torch.compile guards on it, and an attribute
+        # that appears after the first call would cost a recompile
+        self.stack: list[SamplingState] = []
+
+
+_local = _Local()
 
 
 def current_sampling() -> SamplingState | None:
     """The innermost active :func:`sampling` state of this thread, or ``None``."""
-    stack = getattr(_local, "stack", None)
+    stack = _local.stack
     return stack[-1] if stack else None
 
 
 @contextlib.contextmanager
 def sampling(
-    num_samples: int, *, seed: int, step: int, first_sample: int = 0, data_offset: int = 0
+    num_samples: int,
+    *,
+    seed: int,
+    step: int | Tensor,
+    first_sample: int = 0,
+    data_offset: int = 0,
 ) -> Iterator[SamplingState]:
     """Make Bayesian layers draw ``num_samples`` samples, global indices
     ``[first_sample, first_sample + num_samples)``, at training step ``step``.
 
     Inputs of Bayesian layers inside the context must have a leading dimension divisible
-    by ``num_samples`` (the folded ``(S*B, ...)`` convention).
+    by ``num_samples`` (the folded ``(S*B, ...)`` convention). ``step`` may also be a
+    one-element integer tensor (see :class:`SamplingState`).
     """
     state = SamplingState(num_samples, seed, step, first_sample, data_offset)
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
+    stack = _local.stack
     stack.append(state)
     try:
         yield state

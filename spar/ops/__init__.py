@@ -3,6 +3,12 @@
 ``bayes_linear`` and ``bayes_conv`` draw ``key.num_samples`` weight samples per call and
 take the folded ``(S*B, ...)`` input; see :mod:`spar.ops.linear` and :mod:`spar.ops.conv`
 for the memory-lean torch backend and :mod:`spar.ops.reference` for the math.
+
+Under ``torch.compile`` each backend's work is a set of custom ops (namespace ``spar``,
+:mod:`spar.ops.library`) with fake implementations: the compiled graph calls them as
+opaque nodes. ``key.step`` may be an int or a 0-d int64 tensor; a tensor step (what the
+layers pass) is read when the op runs, so a new step does not recompile. The backend is
+resolved when the model is traced.
 """
 
 from __future__ import annotations

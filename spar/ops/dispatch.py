@@ -24,7 +24,8 @@ _LOADERS: dict[str, str | None] = {
     "cuda": None,
 }
 _REGISTRY: dict[tuple[str, str], Callable] = {}
-_LOAD_ERRORS: dict[str, str] = {}
+# backend -> None once its module imported, else why it failed (each backend loads once)
+_LOAD_RESULTS: dict[str, str | None] = {}
 
 
 class BackendUnavailable(RuntimeError):
@@ -37,19 +38,24 @@ def register(op: str, backend: str, fn: Callable) -> None:
     _REGISTRY[(op, backend)] = fn
 
 
+@torch.compiler.assume_constant_result
 def _load(backend: str) -> str | None:
-    """Import the backend's module; return None on success, else why it failed."""
-    if backend in _LOAD_ERRORS:
-        return _LOAD_ERRORS[backend]
+    """Import the backend's module; return None on success, else why it failed. Under
+    ``torch.compile`` this runs once at trace time and its result is a constant: the first
+    call may happen inside a traced model."""
+    if backend in _LOAD_RESULTS:
+        return _LOAD_RESULTS[backend]
     module = _LOADERS[backend]
+    error = None
     if module is None:
-        _LOAD_ERRORS[backend] = f"the {backend} backend is not implemented in this version of spar"
+        error = f"the {backend} backend is not implemented in this version of spar"
     else:
         try:
             importlib.import_module(module)
         except Exception as e:  # noqa: BLE001 - any import failure means "unavailable"
-            _LOAD_ERRORS[backend] = f"importing {module} failed: {type(e).__name__}: {e}"
-    return _LOAD_ERRORS.get(backend)
+            error = f"importing {module} failed: {type(e).__name__}: {e}"
+    _LOAD_RESULTS[backend] = error
+    return error
 
 
 def requested_backend() -> str:
@@ -76,7 +82,8 @@ def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
     for candidate in _auto_order(device):
         if _load(candidate) is None and (op, candidate) in _REGISTRY:
             return candidate, _REGISTRY[(op, candidate)]
-    raise BackendUnavailable(f"no backend can run {op!r} on {device}: {_LOAD_ERRORS}")
+    errors = {b: e for b, e in _LOAD_RESULTS.items() if e is not None}
+    raise BackendUnavailable(f"no backend can run {op!r} on {device}: {errors}")
 
 
 def available_backends() -> dict[str, str | None]:

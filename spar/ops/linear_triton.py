@@ -32,7 +32,9 @@ chunked path generates each weight once per sample whatever ``B`` is, and cuBLAS
 full efficiency on the tall GEMMs: it takes ``B > 128``. The threshold is a module
 constant so that ``bench/bench_kernels.py`` measurements on a GPU can move it.
 
-Order in this file: kernels -> launchers -> autograd Functions -> ``bayes_linear_reparam``.
+Order in this file: kernels -> launchers -> forward/backward of each path -> custom ops
+``spar::triton_linear_{fused,chunked}`` and their ``_backward`` ops (:mod:`spar.ops.library`)
+-> autograd Functions -> ``bayes_linear_reparam``.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from spar.ops._triton_utils import (
     to_dot,
     to_store,
 )
+from spar.ops.library import key_args, make_key, or_empty, spar_op
 from spar.ops.linear import chunk_samples
 from spar.ops.sample import sample_weights, sample_weights_backward
 from spar.rng import NoiseKey
@@ -378,8 +381,9 @@ def default_config(kernel: str, B: int, dtype: torch.dtype) -> KernelConfig:
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
-def _config(configs: dict[str, KernelConfig] | None, kernel: str, B: int, dtype) -> KernelConfig:
-    cfg = (configs or {}).get(kernel) or default_config(kernel, B, dtype)
+def _config(config: KernelConfig | None, kernel: str, B: int, dtype) -> KernelConfig:
+    """``config`` (checked) or the default for the kernel."""
+    cfg = config or default_config(kernel, B, dtype)
     for v in (cfg.block_m, cfg.block_n, cfg.block_k):
         if v < 16 or v & (v - 1):
             raise ValueError(f"block sizes must be powers of two >= 16, got {cfg}")
@@ -452,7 +456,7 @@ def bayes_linear_forward(
     y = torch.empty((S * B, N), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    cfg = config or default_config("fwd", B, x.dtype)
+    cfg = _config(config, "fwd", B, x.dtype)
     mu_ = sigma if mu is None else mu  # placeholder pointer when HAS_MU=False
     has_bias = bias_mu is not None
     # the kernel reads biases with unit stride
@@ -499,7 +503,7 @@ def bayes_linear_backward_dx(
     S = key.num_samples
     N, K = sigma.shape
     dtype = dy.dtype
-    cfg = config or default_config("dx", B, dtype)
+    cfg = _config(config, "dx", B, dtype)
     if shared_input:
         G = groups or dx_groups(S, B, K, cfg, dy.device)
         spp = triton.cdiv(S, G)
@@ -567,7 +571,7 @@ def bayes_linear_backward_dw(
         return gmu, grho, gbmu, gbrho
     if need_bias and (rho is None) != (bias_rho is None):
         raise ValueError("give rho and bias_rho together (or neither)")
-    cfg = config or default_config("dw", B, x.dtype)
+    cfg = _config(config, "dw", B, x.dtype)
     rho_ = grho if rho is None else rho  # placeholder pointers when not read
     brho_ = grho if bias_rho is None else bias_rho.contiguous()  # read with unit stride
     grid = (triton.cdiv(N, cfg.block_n) * triton.cdiv(K, cfg.block_k),)
@@ -589,7 +593,7 @@ def bayes_linear_backward_dw(
 
 
 # ---------------------------------------------------------------------------------------
-# autograd
+# forward and backward of the two paths
 # ---------------------------------------------------------------------------------------
 
 
@@ -597,132 +601,253 @@ def _softplus_or_none(t: Tensor | None) -> Tensor | None:
     return None if t is None else F.softplus(t)
 
 
-class FusedBayesLinearFunction(torch.autograd.Function):
+def _rows(x: Tensor, key: NoiseKey, shared_input: bool) -> int:
+    return x.shape[0] if shared_input else x.shape[0] // key.num_samples
+
+
+def fused_forward(x: Tensor, mu: Tensor | None, rho: Tensor, bias_mu: Tensor | None,
+                  bias_rho: Tensor | None, key: NoiseKey, weight_id: int, bias_id: int,
+                  shared_input: bool) -> Tensor:  # fmt: skip
     """Fused path: x ``(S*B, K)`` or shared ``(B, K)`` -> ``(S*B, N)``. ``mu=None`` is a
-    zero-mean weight (the flipout perturbation). Saves x and the parameters only."""
+    zero-mean weight (the flipout perturbation)."""
+    return bayes_linear_forward(
+        x, mu, F.softplus(rho), bias_mu, _softplus_or_none(bias_rho), key, weight_id, bias_id,
+        shared_input,
+    )  # fmt: skip
+
+
+def fused_backward(dy: Tensor, x: Tensor, mu: Tensor | None, rho: Tensor,
+                   bias_rho: Tensor | None, key: NoiseKey, weight_id: int, bias_id: int,
+                   shared_input: bool, needs: tuple[bool, ...]) -> tuple:  # fmt: skip
+    """``(dx, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho)`` of :func:`fused_forward`
+    (None where ``needs`` says so), from the dx and dw kernels."""
+    need_x, need_mu, need_rho, need_bmu, need_brho = needs
+    B = _rows(x, key, shared_input)
+    dy = dy.to(x.dtype)
+    dx = g_mu = g_rho = g_bmu = g_brho = None
+    if need_x:
+        # softplus(rho) lives only while the dx kernel runs: the peak extra memory of
+        # the backward is max(|W| + dx, the gradients themselves)
+        dx = bayes_linear_backward_dx(dy, mu, F.softplus(rho), key, weight_id, shared_input, B)
+    if need_mu or need_rho or need_bmu or need_brho:
+        g_mu, g_rho, g_bmu, g_brho = bayes_linear_backward_dw(
+            x, dy, key, weight_id, bias_id, tuple(rho.shape), shared_input, B, rho=rho,
+            bias_rho=bias_rho, need_mu=mu is not None and need_mu,
+            need_bias=bias_rho is not None,
+        )  # fmt: skip
+    return dx, g_mu, g_rho, g_bmu, g_brho
+
+
+def chunked_forward(x: Tensor, mu: Tensor | None, rho: Tensor, bias_mu: Tensor | None,
+                    bias_rho: Tensor | None, key: NoiseKey, weight_id: int, bias_id: int,
+                    shared_input: bool) -> Tensor:  # fmt: skip
+    """Chunked path, same contract as :func:`fused_forward`: the sampling kernel writes a
+    chunk of samples' weights (``chunk_samples`` of them, bounded by ``SPAR_CHUNK_NUMEL``)
+    into a workspace, cuBLAS multiplies."""
+    S = key.num_samples
+    B = _rows(x, key, shared_input)
+    N, K = rho.shape
+    sig = F.softplus(rho)
+    xs = x if shared_input else x.view(S, B, K)
+    y = x.new_empty((S, B, N))
+    c = chunk_samples(S, N * K)
+    work = x.new_empty((c, N, K))
+    for lo in range(0, S, c):
+        hi = min(S, lo + c)
+        w = sample_weights(mu, sig, key, weight_id, (lo, hi), out=work[: hi - lo])
+        torch.matmul(xs if shared_input else xs[lo:hi], w.transpose(1, 2), out=y[lo:hi])
+    if bias_mu is not None:
+        b = sample_weights(
+            bias_mu.view(1, N), F.softplus(bias_rho).view(1, N), key, bias_id
+        )  # (S, 1, N) fp32
+        y += b.to(x.dtype)  # rounded to x's dtype first, as the torch backend does
+    return y.view(S * B, N)
+
+
+def chunked_backward(dy: Tensor, x: Tensor, mu: Tensor | None, rho: Tensor,
+                     bias_rho: Tensor | None, key: NoiseKey, weight_id: int, bias_id: int,
+                     shared_input: bool, needs: tuple[bool, ...]) -> tuple:  # fmt: skip
+    """Gradients of :func:`chunked_forward`, as :func:`fused_backward`: per chunk, the
+    weights are resampled for dx and ``dW`` is reduced by the sampling kernel's backward."""
+    need_x, need_mu, need_rho, need_bmu, need_brho = needs
+    shared = shared_input
+    S = key.num_samples
+    B = _rows(x, key, shared)
+    N, K = rho.shape
+    dy = dy.to(x.dtype)
+    dys = dy.view(S, B, N)
+    xs = x if shared else x.view(S, B, K)
+    need_w = need_mu or need_rho
+    sig = F.softplus(rho) if need_x else None
+    dx = dx_acc = g_mu = g_rho = g_bmu = g_brho = None
+    if need_x:
+        if shared:
+            dx_acc = torch.zeros((B, K), dtype=torch.float32, device=x.device)
+        else:
+            dx = x.new_empty((S, B, K))
+    c = chunk_samples(S, N * K)
+    work_w = x.new_empty((c, N, K)) if need_x else None
+    work_g = x.new_empty((c, N, K)) if need_w else None
+    for lo in range(0, S, c):
+        hi = min(S, lo + c)
+        dy_c = dys[lo:hi]
+        if need_x:
+            w = sample_weights(mu, sig, key, weight_id, (lo, hi), out=work_w[: hi - lo])
+            if shared:
+                # sum_s dy_s @ W_s as one GEMM over the concatenated (sample, n) axis
+                dy_cat = dy_c.permute(1, 0, 2).reshape(B, (hi - lo) * N)
+                dx_acc += torch.mm(dy_cat, w.view((hi - lo) * N, K)).float()
+            else:
+                torch.matmul(dy_c, w, out=dx[lo:hi])
+        if need_w:
+            x_c = xs if shared else xs[lo:hi]
+            gw = torch.matmul(dy_c.transpose(1, 2), x_c, out=work_g[: hi - lo])
+            g_mu, g_rho = sample_weights_backward(
+                gw, key, weight_id, (lo, hi), grad_mu=g_mu, grad_eps=g_rho,
+                need_mu=mu is not None and need_mu, rho=rho if hi == S else None,
+            )  # fmt: skip
+    del work_w, work_g
+    if need_x:
+        dx = dx_acc.to(x.dtype) if shared else dx.view(S * B, K)
+    g_rho = g_rho if need_rho else None
+    if bias_rho is not None and (need_bmu or need_brho):
+        db = dys.float().sum(1).view(S, 1, N)
+        g_bmu, g_brho = sample_weights_backward(db, key, bias_id, need_mu=need_bmu,
+                                                rho=bias_rho.view(1, N))  # fmt: skip
+        g_bmu = None if g_bmu is None else g_bmu.view(N)
+        g_brho = g_brho.view(N) if need_brho else None
+    return dx, g_mu, g_rho, g_bmu, g_brho
+
+
+# ---------------------------------------------------------------------------------------
+# custom ops (spar.ops.library): one forward and one backward op per path
+# ---------------------------------------------------------------------------------------
+
+
+def _linear_fake(x, mu, rho, bias_mu, bias_rho, step, seed, first_sample, num_samples,
+                 weight_id, bias_id, shared_input):  # fmt: skip
+    rows = num_samples * x.shape[0] if shared_input else x.shape[0]
+    return x.new_empty(rows, rho.shape[0])
+
+
+def _linear_backward_fake(dy, x, mu, rho, bias_rho, step, seed, first_sample, num_samples,
+                          weight_id, bias_id, shared_input, *needs):  # fmt: skip
+    # dx in x's dtype; the parameter gradients fp32 like the parameters (the kernels
+    # accumulate in fp32)
+    N = rho.shape[0]
+    shapes = (x.shape, rho.shape, rho.shape, (N,), (N,))
+    likes = (x, rho, rho, rho, rho)
+    return tuple(
+        like.new_empty(shape if need else 0)
+        for like, shape, need in zip(likes, shapes, needs, strict=True)
+    )
+
+
+def _grad_outputs(grads: tuple, needs: tuple, x: Tensor, rho: Tensor) -> tuple:
+    # what was not asked for is an empty placeholder, even where a kernel made it anyway
+    likes = (x, rho, rho, rho, rho)
+    return tuple(
+        or_empty(g if need else None, like)
+        for g, need, like in zip(grads, needs, likes, strict=True)
+    )
+
+
+@spar_op("triton_linear_fused", _linear_fake)
+def fused_op(x: Tensor, mu: Tensor | None, rho: Tensor, bias_mu: Tensor | None,
+             bias_rho: Tensor | None, step: Tensor, seed: int, first_sample: int,
+             num_samples: int, weight_id: int, bias_id: int,
+             shared_input: bool) -> Tensor:  # fmt: skip
+    key = make_key(step, seed, first_sample, num_samples)
+    return fused_forward(x, mu, rho, bias_mu, bias_rho, key, weight_id, bias_id, shared_input)
+
+
+@spar_op("triton_linear_fused_backward", _linear_backward_fake)
+def fused_backward_op(dy: Tensor, x: Tensor, mu: Tensor | None, rho: Tensor,
+                      bias_rho: Tensor | None, step: Tensor, seed: int, first_sample: int,
+                      num_samples: int, weight_id: int, bias_id: int, shared_input: bool,
+                      need_x: bool, need_mu: bool, need_rho: bool, need_bias_mu: bool,
+                      need_bias_rho: bool) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                                    Tensor]:  # fmt: skip
+    key = make_key(step, seed, first_sample, num_samples)
+    needs = (need_x, need_mu, need_rho, need_bias_mu, need_bias_rho)
+    grads = fused_backward(dy, x, mu, rho, bias_rho, key, weight_id, bias_id, shared_input, needs)
+    return _grad_outputs(grads, needs, x, rho)
+
+
+@spar_op("triton_linear_chunked", _linear_fake)
+def chunked_op(x: Tensor, mu: Tensor | None, rho: Tensor, bias_mu: Tensor | None,
+               bias_rho: Tensor | None, step: Tensor, seed: int, first_sample: int,
+               num_samples: int, weight_id: int, bias_id: int,
+               shared_input: bool) -> Tensor:  # fmt: skip
+    key = make_key(step, seed, first_sample, num_samples)
+    return chunked_forward(x, mu, rho, bias_mu, bias_rho, key, weight_id, bias_id, shared_input)
+
+
+@spar_op("triton_linear_chunked_backward", _linear_backward_fake)
+def chunked_backward_op(dy: Tensor, x: Tensor, mu: Tensor | None, rho: Tensor,
+                        bias_rho: Tensor | None, step: Tensor, seed: int, first_sample: int,
+                        num_samples: int, weight_id: int, bias_id: int, shared_input: bool,
+                        need_x: bool, need_mu: bool, need_rho: bool, need_bias_mu: bool,
+                        need_bias_rho: bool) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                                      Tensor]:  # fmt: skip
+    key = make_key(step, seed, first_sample, num_samples)
+    needs = (need_x, need_mu, need_rho, need_bias_mu, need_bias_rho)
+    grads = chunked_backward(dy, x, mu, rho, bias_rho, key, weight_id, bias_id, shared_input, needs)
+    return _grad_outputs(grads, needs, x, rho)
+
+
+# ---------------------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------------------
+
+
+def _apply(ctx, op, x, mu, rho, bias_mu, bias_rho, key: NoiseKey, weight_id: int, bias_id: int,
+           shared_input: bool) -> Tensor:  # fmt: skip
+    check_linear_inputs(x, mu, rho, bias_mu, bias_rho, key, shared_input)
+    check_device(x)
+    step, seed, first_sample, num_samples, _ = key_args(key)
+    ctx.save_for_backward(x, mu, rho, bias_rho)
+    ctx.step = step  # a 0-d key, as in spar.ops.linear.SampledLinearFn
+    ctx.args = (seed, first_sample, num_samples, weight_id, bias_id, shared_input)
+    return op(x, mu, rho, bias_mu, bias_rho, step, *ctx.args)
+
+
+def _grads(ctx, op, dy: Tensor) -> tuple:
+    x, mu, rho, bias_rho = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:5]
+    grads = op(dy, x, mu, rho, bias_rho, ctx.step, *ctx.args, *needs)
+    return (*(g if need else None for g, need in zip(grads, needs, strict=True)),
+            None, None, None, None)  # fmt: skip
+
+
+class FusedBayesLinearFunction(torch.autograd.Function):
+    """Autograd of the fused path (:func:`fused_forward`, ops ``spar::triton_linear_fused``
+    and its backward). Saves x and the parameters only."""
 
     @staticmethod
     def forward(ctx, x, mu, rho, bias_mu, bias_rho, key: NoiseKey, weight_id: int,
-                bias_id: int, shared_input: bool, configs: dict | None):  # fmt: skip
-        B = check_linear_inputs(x, mu, rho, bias_mu, bias_rho, key, shared_input)
-        check_device(x)
-        y = bayes_linear_forward(
-            x, mu, F.softplus(rho), bias_mu, _softplus_or_none(bias_rho), key, weight_id,
-            bias_id, shared_input, config=(configs or {}).get("fwd"),
-        )  # fmt: skip
-        ctx.save_for_backward(x, mu, rho, bias_rho)
-        ctx.key, ctx.ids, ctx.shared, ctx.B = key, (weight_id, bias_id), shared_input, B
-        ctx.has_mu, ctx.has_bias, ctx.configs = mu is not None, bias_mu is not None, configs
-        return y
+                bias_id: int, shared_input: bool):  # fmt: skip
+        args = (x, mu, rho, bias_mu, bias_rho, key, weight_id, bias_id, shared_input)
+        return _apply(ctx, fused_op, *args)
 
     @staticmethod
     def backward(ctx, dy):
-        x, mu, rho, bias_rho = ctx.saved_tensors
-        need_x, need_mu, need_rho, need_bmu, need_brho = ctx.needs_input_grad[:5]
-        key, (wid, bid), shared, B = ctx.key, ctx.ids, ctx.shared, ctx.B
-        configs = ctx.configs or {}
-        dy = dy.to(x.dtype)
-        dx = g_mu = g_rho = g_bmu = g_brho = None
-        if need_x:
-            # softplus(rho) lives only while the dx kernel runs: the peak extra memory of
-            # the backward is max(|W| + dx, the gradients themselves)
-            dx = bayes_linear_backward_dx(
-                dy, mu, F.softplus(rho), key, wid, shared, B, config=configs.get("dx"),
-                groups=configs.get("dx_groups"),
-            )  # fmt: skip
-        if need_mu or need_rho or need_bmu or need_brho:
-            g_mu, g_rho, g_bmu, g_brho = bayes_linear_backward_dw(
-                x, dy, key, wid, bid, tuple(rho.shape), shared, B, rho=rho,
-                bias_rho=bias_rho, need_mu=ctx.has_mu and need_mu, need_bias=ctx.has_bias,
-                config=configs.get("dw"),
-            )  # fmt: skip
-            g_rho = g_rho if need_rho else None
-            g_bmu = g_bmu if need_bmu else None
-            g_brho = g_brho if need_brho else None
-        return dx, g_mu, g_rho, g_bmu, g_brho, None, None, None, None, None
+        return _grads(ctx, fused_backward_op, dy)
 
 
 class ChunkedBayesLinearFunction(torch.autograd.Function):
-    """Chunked path, same contract as :class:`FusedBayesLinearFunction`: the sampling
-    kernel writes a chunk of samples' weights (``chunk_samples`` of them, bounded by
-    ``SPAR_CHUNK_NUMEL``) into a workspace, cuBLAS multiplies."""
+    """Autograd of the chunked path (:func:`chunked_forward`, ops
+    ``spar::triton_linear_chunked`` and its backward)."""
 
     @staticmethod
     def forward(ctx, x, mu, rho, bias_mu, bias_rho, key: NoiseKey, weight_id: int,
-                bias_id: int, shared_input: bool, configs: dict | None):  # fmt: skip
-        B = check_linear_inputs(x, mu, rho, bias_mu, bias_rho, key, shared_input)
-        check_device(x)
-        S = key.num_samples
-        N, K = rho.shape
-        sig = F.softplus(rho)
-        xs = x if shared_input else x.view(S, B, K)
-        y = x.new_empty((S, B, N))
-        c = chunk_samples(S, N * K)
-        work = x.new_empty((c, N, K))
-        for lo in range(0, S, c):
-            hi = min(S, lo + c)
-            w = sample_weights(mu, sig, key, weight_id, (lo, hi), out=work[: hi - lo])
-            torch.matmul(xs if shared_input else xs[lo:hi], w.transpose(1, 2), out=y[lo:hi])
-        if bias_mu is not None:
-            b = sample_weights(
-                bias_mu.view(1, N), F.softplus(bias_rho).view(1, N), key, bias_id
-            )  # (S, 1, N) fp32
-            y += b.to(x.dtype)  # rounded to x's dtype first, as the torch backend does
-        ctx.save_for_backward(x, mu, rho, bias_rho)
-        ctx.key, ctx.ids, ctx.shared, ctx.B = key, (weight_id, bias_id), shared_input, B
-        ctx.has_mu, ctx.has_bias = mu is not None, bias_mu is not None
-        return y.view(S * B, N)
+                bias_id: int, shared_input: bool):  # fmt: skip
+        args = (x, mu, rho, bias_mu, bias_rho, key, weight_id, bias_id, shared_input)
+        return _apply(ctx, chunked_op, *args)
 
     @staticmethod
     def backward(ctx, dy):
-        x, mu, rho, bias_rho = ctx.saved_tensors
-        need_x, need_mu, need_rho, need_bmu, need_brho = ctx.needs_input_grad[:5]
-        key, (wid, bid), shared, B = ctx.key, ctx.ids, ctx.shared, ctx.B
-        S = key.num_samples
-        N, K = rho.shape
-        dy = dy.to(x.dtype)
-        dys = dy.view(S, B, N)
-        xs = x if shared else x.view(S, B, K)
-        need_w = need_mu or need_rho
-        sig = F.softplus(rho) if need_x else None
-        dx = dx_acc = g_mu = g_rho = g_bmu = g_brho = None
-        if need_x:
-            if shared:
-                dx_acc = torch.zeros((B, K), dtype=torch.float32, device=x.device)
-            else:
-                dx = x.new_empty((S, B, K))
-        c = chunk_samples(S, N * K)
-        work_w = x.new_empty((c, N, K)) if need_x else None
-        work_g = x.new_empty((c, N, K)) if need_w else None
-        for lo in range(0, S, c):
-            hi = min(S, lo + c)
-            dy_c = dys[lo:hi]
-            if need_x:
-                w = sample_weights(mu, sig, key, wid, (lo, hi), out=work_w[: hi - lo])
-                if shared:
-                    # sum_s dy_s @ W_s as one GEMM over the concatenated (sample, n) axis
-                    dy_cat = dy_c.permute(1, 0, 2).reshape(B, (hi - lo) * N)
-                    dx_acc += torch.mm(dy_cat, w.view((hi - lo) * N, K)).float()
-                else:
-                    torch.matmul(dy_c, w, out=dx[lo:hi])
-            if need_w:
-                x_c = xs if shared else xs[lo:hi]
-                gw = torch.matmul(dy_c.transpose(1, 2), x_c, out=work_g[: hi - lo])
-                g_mu, g_rho = sample_weights_backward(
-                    gw, key, wid, (lo, hi), grad_mu=g_mu, grad_eps=g_rho,
-                    need_mu=ctx.has_mu and need_mu, rho=rho if hi == S else None,
-                )  # fmt: skip
-        del work_w, work_g
-        if need_x:
-            dx = dx_acc.to(x.dtype) if shared else dx.view(S * B, K)
-        g_rho = g_rho if need_rho else None
-        if ctx.has_bias and (need_bmu or need_brho):
-            db = dys.float().sum(1).view(S, 1, N)
-            g_bmu, g_brho = sample_weights_backward(db, key, bid, need_mu=need_bmu,
-                                                    rho=bias_rho.view(1, N))  # fmt: skip
-            g_bmu = None if g_bmu is None else g_bmu.view(N)
-            g_brho = g_brho.view(N) if need_brho else None
-        return dx, g_mu, g_rho, g_bmu, g_brho, None, None, None, None, None
+        return _grads(ctx, chunked_backward_op, dy)
 
 
 # ---------------------------------------------------------------------------------------
@@ -753,17 +878,14 @@ def bayes_linear_reparam(
     bias_id: int,
     shared_input: bool = False,
     path: str | None = None,
-    configs: dict | None = None,
 ) -> Tensor:
     """S weight samples of a linear layer: x ``(S*B, K)`` or shared ``(B, K)`` ->
-    ``(S*B, N)``. ``path`` (``fused``/``chunked``) overrides :func:`choose_path`;
-    ``configs`` maps ``fwd``/``dx``/``dw`` to :class:`KernelConfig` (tests, tuning)."""
+    ``(S*B, N)``. ``path`` (``fused``/``chunked``) overrides :func:`choose_path`."""
     B = check_linear_inputs(x, weight_mu, weight_rho, bias_mu, bias_rho, key, shared_input)
     path = path or choose_path(B)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     fn = FusedBayesLinearFunction if path == "fused" else ChunkedBayesLinearFunction
     return fn.apply(
-        x, weight_mu, weight_rho, bias_mu, bias_rho, key, weight_id, bias_id, shared_input,
-        configs,
-    )  # fmt: skip
+        x, weight_mu, weight_rho, bias_mu, bias_rho, key, weight_id, bias_id, shared_input
+    )

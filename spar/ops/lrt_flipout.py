@@ -15,11 +15,15 @@ of those normals (``+1`` for ``>= 0``).
 Tensors are folded sample-major ``(S*B, C)``; where an input is shared by the samples
 (``(B, C)``) the kernels read it with a zero sample stride instead of expanding it.
 
-Order in this file: kernels -> launchers -> autograd Functions -> ``linear_lrt``,
-``linear_flipout``.
+Order in this file: kernels -> launchers -> custom ops (``spar::triton_lrt_noise`` and its
+backward, ``spar::triton_sign_mul``, ``spar::triton_flipout_out``, ``spar::triton_normal``;
+:mod:`spar.ops.library`) -> autograd Functions -> ``linear_lrt``, ``linear_flipout``.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +39,9 @@ from spar.ops._triton_utils import (
     philox_key,
     to_store,
 )
+from spar.ops.library import key_args, make_key, spar_op
 from spar.ops.linear_triton import bayes_linear_reparam, check_linear_inputs
-from spar.ops.sample import sample_weight
+from spar.ops.sample import sample_weights
 from spar.rng import NoiseKey
 
 _VAR_MIN = 1e-30  # the clamp of the torch backend: sqrt stays differentiable at var = 0
@@ -219,7 +224,7 @@ def _sbc_strides(t: Tensor, S: int, B: int, shared: bool) -> tuple[int, int, int
     return (0 if shared else B * t.stride(0)), t.stride(0), t.stride(1)
 
 
-def _key_args(key: NoiseKey, noise_id: int) -> tuple[int, int, int, int]:
+def _kernel_key_args(key: NoiseKey, noise_id: int) -> tuple[int, int, int, int]:
     return (
         philox_key(key.seed, noise_id), as_i32(key.first_sample), as_i32(key.data_offset),
         as_i32(key.step),
@@ -245,7 +250,7 @@ def lrt_noise_forward(mean: Tensor, var: Tensor, key: NoiseKey, noise_id: int,
     _lrt_fwd_kernel[_grid(S * B, N)](
         mean, var, y, S * B, N, B,
         *_sbc_strides(mean, S, B, shared), *_sbc_strides(var, S, B, shared),
-        y.stride(0), y.stride(1), *_key_args(key, noise_id),
+        y.stride(0), y.stride(1), *_kernel_key_args(key, noise_id),
         BLOCK_R=br, BLOCK_C=bc, INTERPRET=interpret(),
     )  # fmt: skip
     return y
@@ -260,12 +265,12 @@ def lrt_noise_backward(dy: Tensor, var: Tensor, key: NoiseKey, noise_id: int,
     out_dtype = torch.float32 if shared else var.dtype  # shared: summed over samples below
     dvar = torch.empty((S * B, N), dtype=out_dtype, device=dy.device)
     if dvar.numel() == 0:
-        return torch.zeros_like(var)
+        return var.new_zeros(var.shape)
     br, bc = _block()
     _lrt_bwd_kernel[_grid(S * B, N)](
         dy, var, dvar, S * B, N, B,
         dy.stride(0), dy.stride(1), *_sbc_strides(var, S, B, shared),
-        dvar.stride(0), dvar.stride(1), *_key_args(key, noise_id),
+        dvar.stride(0), dvar.stride(1), *_kernel_key_args(key, noise_id),
         BLOCK_R=br, BLOCK_C=bc, INTERPRET=interpret(),
     )  # fmt: skip
     return dvar.view(S, B, N).sum(0).to(var.dtype) if shared else dvar
@@ -283,7 +288,7 @@ def sign_mul(x: Tensor, key: NoiseKey, noise_id: int, shared: bool,
     br, bc = _block()
     _sign_mul_kernel[_grid(S * B, C)](
         x, out, S * B, C, B, *_sbc_strides(x, S, B, shared),
-        out.stride(0), out.stride(1), *_key_args(key, noise_id),
+        out.stride(0), out.stride(1), *_kernel_key_args(key, noise_id),
         BLOCK_R=br, BLOCK_C=bc, INTERPRET=interpret(),
     )  # fmt: skip
     return out
@@ -305,10 +310,92 @@ def flipout_out_forward(base: Tensor, pert: Tensor, bias: Tensor | None, key: No
         base, pert, bias_, y, R, N, B,
         *_sbc_strides(base, S, B, shared), pert.stride(0), pert.stride(1),
         bias_.stride(0), bias_.stride(1), y.stride(0), y.stride(1),
-        *_key_args(key, noise_id),
+        *_kernel_key_args(key, noise_id),
         HAS_BIAS=bias is not None, BLOCK_R=br, BLOCK_C=bc, INTERPRET=interpret(),
     )  # fmt: skip
     return y
+
+
+def param_noise(key: NoiseKey, pid: int, shape: tuple[int, ...],
+                device: torch.device) -> Tensor:  # fmt: skip
+    """The normals ``(S, *shape)`` fp32 of parameter ``pid`` (the sampling kernel with
+    ``sigma = 1``): flipout's bias noise."""
+    ones = torch.ones((), dtype=torch.float32, device=device)
+    rows = shape[0] if len(shape) > 1 else 1
+    eps = sample_weights(None, ones.expand(rows, math.prod(shape) // max(rows, 1)), key, pid)
+    return eps.view(key.num_samples, *shape)
+
+
+# ---------------------------------------------------------------------------------------
+# custom ops (spar.ops.library)
+# ---------------------------------------------------------------------------------------
+
+
+def _folded_rows(t: Tensor, num_samples: int, shared: bool):
+    return num_samples * t.shape[0] if shared else t.shape[0]
+
+
+def _lrt_noise_fake(mean, var, step, seed, first_sample, num_samples, data_offset, noise_id,
+                    shared):  # fmt: skip
+    return mean.new_empty(_folded_rows(mean, num_samples, shared), mean.shape[1])
+
+
+@spar_op("triton_lrt_noise", _lrt_noise_fake)
+def lrt_noise_op(mean: Tensor, var: Tensor, step: Tensor, seed: int, first_sample: int,
+                 num_samples: int, data_offset: int, noise_id: int,
+                 shared: bool) -> Tensor:  # fmt: skip
+    key = make_key(step, seed, first_sample, num_samples, data_offset)
+    return lrt_noise_forward(mean, var, key, noise_id, shared)
+
+
+def _lrt_noise_backward_fake(dy, var, step, seed, first_sample, num_samples, data_offset,
+                             noise_id, shared):  # fmt: skip
+    return var.new_empty(var.shape)
+
+
+@spar_op("triton_lrt_noise_backward", _lrt_noise_backward_fake)
+def lrt_noise_backward_op(dy: Tensor, var: Tensor, step: Tensor, seed: int, first_sample: int,
+                          num_samples: int, data_offset: int, noise_id: int,
+                          shared: bool) -> Tensor:  # fmt: skip
+    key = make_key(step, seed, first_sample, num_samples, data_offset)
+    return lrt_noise_backward(dy, var, key, noise_id, shared)
+
+
+def _sign_mul_fake(x, step, seed, first_sample, num_samples, data_offset, noise_id, shared,
+                   dtype):  # fmt: skip
+    return x.new_empty(_folded_rows(x, num_samples, shared), x.shape[1], dtype=dtype)
+
+
+@spar_op("triton_sign_mul", _sign_mul_fake)
+def sign_mul_op(x: Tensor, step: Tensor, seed: int, first_sample: int, num_samples: int,
+                data_offset: int, noise_id: int, shared: bool,
+                dtype: torch.dtype | None) -> Tensor:  # fmt: skip
+    key = make_key(step, seed, first_sample, num_samples, data_offset)
+    return sign_mul(x, key, noise_id, shared, dtype=dtype)
+
+
+def _flipout_out_fake(base, pert, bias, step, seed, first_sample, num_samples, data_offset,
+                      noise_id, shared):  # fmt: skip
+    return pert.new_empty(pert.shape)
+
+
+@spar_op("triton_flipout_out", _flipout_out_fake)
+def flipout_out_op(base: Tensor, pert: Tensor, bias: Tensor | None, step: Tensor, seed: int,
+                   first_sample: int, num_samples: int, data_offset: int, noise_id: int,
+                   shared: bool) -> Tensor:  # fmt: skip
+    key = make_key(step, seed, first_sample, num_samples, data_offset)
+    return flipout_out_forward(base, pert, bias, key, noise_id, shared)
+
+
+def _param_noise_fake(step, seed, first_sample, num_samples, pid, shape, device):
+    return torch.empty((num_samples, *shape), dtype=torch.float32, device=device)
+
+
+@spar_op("triton_normal", _param_noise_fake)
+def param_noise_op(step: Tensor, seed: int, first_sample: int, num_samples: int, pid: int,
+                   shape: Sequence[int], device: torch.device) -> Tensor:  # fmt: skip
+    key = make_key(step, seed, first_sample, num_samples)
+    return param_noise(key, pid, tuple(shape), device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -323,63 +410,76 @@ def _sum_samples(g: Tensor, S: int, shared: bool, dtype: torch.dtype) -> Tensor:
     return g.view(S, -1, g.shape[1]).sum(0, dtype=torch.float32).to(dtype)
 
 
+def _keep_key(ctx, key: NoiseKey, noise_id: int, shared: bool) -> tuple:
+    """Put the op arguments of the key on ctx (the step is a 0-d key, kept on ctx as in
+    :class:`spar.ops.linear.SampledLinearFn`); returns them."""
+    step, *ints = key_args(key)
+    ctx.step, ctx.key_ints, ctx.noise_id, ctx.shared = step, tuple(ints), noise_id, shared
+    ctx.S = key.num_samples
+    return (step, *ints, noise_id, shared)
+
+
 class LRTNoiseFunction(torch.autograd.Function):
     """``y = mean + sqrt(max(var, 1e-30)) * eps`` with per-example eps regenerated in
-    backward. mean, var: ``(S*B, N)`` or shared ``(B, N)``; y: ``(S*B, N)``."""
+    backward (ops ``spar::triton_lrt_noise`` and its backward). mean, var: ``(S*B, N)`` or
+    shared ``(B, N)``; y: ``(S*B, N)``."""
 
     @staticmethod
     def forward(ctx, mean, var, key: NoiseKey, noise_id: int, shared: bool):
         ctx.save_for_backward(var)
-        ctx.key, ctx.noise_id, ctx.shared = key, noise_id, shared
         ctx.mean_dtype = mean.dtype
-        return lrt_noise_forward(mean, var, key, noise_id, shared)
+        return lrt_noise_op(mean, var, *_keep_key(ctx, key, noise_id, shared))
 
     @staticmethod
     def backward(ctx, dy):
         (var,) = ctx.saved_tensors
-        S = ctx.key.num_samples
-        d_mean = (
-            _sum_samples(dy, S, ctx.shared, ctx.mean_dtype) if ctx.needs_input_grad[0] else None
-        )
-        d_var = None
+        d_mean = d_var = None
+        if ctx.needs_input_grad[0]:
+            d_mean = _sum_samples(dy, ctx.S, ctx.shared, ctx.mean_dtype)
         if ctx.needs_input_grad[1]:
-            d_var = lrt_noise_backward(dy, var, ctx.key, ctx.noise_id, ctx.shared)
+            d_var = lrt_noise_backward_op(
+                dy, var, ctx.step, *ctx.key_ints, ctx.noise_id, ctx.shared
+            )
         return d_mean, d_var, None, None, None
 
 
 class SignMulFunction(torch.autograd.Function):
-    """``x * sign(eps)`` per example: x ``(S*B, C)`` or shared ``(B, C)`` -> ``(S*B, C)``."""
+    """``x * sign(eps)`` per example (op ``spar::triton_sign_mul``): x ``(S*B, C)`` or
+    shared ``(B, C)`` -> ``(S*B, C)``."""
 
     @staticmethod
     def forward(ctx, x, key: NoiseKey, noise_id: int, shared: bool):
-        ctx.key, ctx.noise_id, ctx.shared, ctx.dtype = key, noise_id, shared, x.dtype
-        return sign_mul(x, key, noise_id, shared)
+        ctx.dtype = x.dtype
+        return sign_mul_op(x, *_keep_key(ctx, key, noise_id, shared), None)
 
     @staticmethod
     def backward(ctx, g):
-        S = ctx.key.num_samples
         # the signs are their own inverse: the gradient is g times the same signs
-        dx = sign_mul(g, ctx.key, ctx.noise_id, False,
-                      dtype=torch.float32 if ctx.shared else ctx.dtype)  # fmt: skip
-        return _sum_samples(dx, S, ctx.shared, ctx.dtype), None, None, None
+        dtype = torch.float32 if ctx.shared else ctx.dtype
+        dx = sign_mul_op(g, ctx.step, *ctx.key_ints, ctx.noise_id, False, dtype)
+        return _sum_samples(dx, ctx.S, ctx.shared, ctx.dtype), None, None, None
 
 
 class FlipoutOutFunction(torch.autograd.Function):
-    """``y = base + pert * sign(eps) + bias[s]``: base ``(S*B, N)`` or shared ``(B, N)``,
-    pert ``(S*B, N)``, bias ``(S, N)`` or None -> ``(S*B, N)``."""
+    """``y = base + pert * sign(eps) + bias[s]`` (op ``spar::triton_flipout_out``): base
+    ``(S*B, N)`` or shared ``(B, N)``, pert ``(S*B, N)``, bias ``(S, N)`` or None ->
+    ``(S*B, N)``."""
 
     @staticmethod
     def forward(ctx, base, pert, bias, key: NoiseKey, noise_id: int, shared: bool):
-        ctx.key, ctx.noise_id, ctx.shared, ctx.base_dtype = key, noise_id, shared, base.dtype
+        ctx.base_dtype = base.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return flipout_out_forward(base, pert, bias, key, noise_id, shared)
+        args = _keep_key(ctx, key, noise_id, shared)
+        return flipout_out_op(base, pert, bias, *args)
 
     @staticmethod
     def backward(ctx, dy):
-        S = ctx.key.num_samples
+        S = ctx.S
         need_base, need_pert, need_bias = ctx.needs_input_grad[:3]
         d_base = _sum_samples(dy, S, ctx.shared, ctx.base_dtype) if need_base else None
-        d_pert = sign_mul(dy, ctx.key, ctx.noise_id, False) if need_pert else None
+        d_pert = None
+        if need_pert:
+            d_pert = sign_mul_op(dy, ctx.step, *ctx.key_ints, ctx.noise_id, False, None)
         d_bias = None
         if need_bias:
             d_bias = dy.view(S, -1, dy.shape[1]).sum(1, dtype=torch.float32).to(ctx.bias_dtype)
@@ -427,7 +527,6 @@ def linear_flipout(
     noise_ids: tuple[int, int],
     shared_input: bool = False,
     path: str | None = None,
-    configs: dict | None = None,
 ) -> Tensor:
     """Flipout: ``y_s = x_s mu^T + ((x_s * r_s) (sigma * eps_s)^T) * q_s + b_s`` with
     per-example signs ``r`` (``noise_ids[0]``, ``(B, K)``) and ``q`` (``noise_ids[1]``,
@@ -438,11 +537,14 @@ def linear_flipout(
     xr = SignMulFunction.apply(x, key, noise_ids[0], shared_input)  # (S*B, K)
     pert = bayes_linear_reparam(
         xr, None, weight_rho, None, None, key, weight_id=weight_id, bias_id=bias_id,
-        shared_input=False, path=path, configs=configs,
+        shared_input=False, path=path,
     )  # fmt: skip
     base = F.linear(x, weight_mu.to(x.dtype))
     bias = None
     if bias_mu is not None:
-        # rounded to x's dtype before the sum, as the torch backend does
-        bias = sample_weight(bias_mu, bias_rho, key, bias_id).to(x.dtype)  # (S, N)
+        # (S, N), small: plain autograd, as in the torch backend, and rounded to x's dtype
+        # before the sum as the torch backend does
+        eps_b = param_noise_op(*key_args(key)[:4], bias_id, list(bias_mu.shape),
+                                             x.device)  # fmt: skip
+        bias = torch.addcmul(bias_mu, F.softplus(bias_rho), eps_b).to(x.dtype)
     return FlipoutOutFunction.apply(base, pert, bias, key, noise_ids[1], shared_input)

@@ -1,0 +1,241 @@
+"""torch.compile of Bayesian models: the ops are custom ops whose fake implementations agree
+with the real ones (``torch.library.opcheck``); ``torch.compile(MonteCarlo(model, S),
+fullgraph=True)`` traces one graph that gives eager's outputs and gradients, and advancing
+the step does not recompile (the step reaches the ops as a tensor)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch.library import opcheck
+
+import spar
+
+ESTIMATORS = ("reparam", "lrt", "flipout")
+TRITON = importlib.util.find_spec("triton") is not None
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo(monkeypatch):
+    # the backend is picked at trace time, from SPAR_BACKEND: every test traces afresh
+    monkeypatch.setenv("SPAR_BACKEND", "torch")
+    monkeypatch.delenv("SPAR_LINEAR_PATH", raising=False)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compile(module: nn.Module) -> tuple[nn.Module, CompileCounterWithBackend]:
+    """``torch.compile(module, fullgraph=True)`` (inductor) and a counter of the graphs it
+    traced (the noise generator's own compiled loop is not counted)."""
+    counter = CompileCounterWithBackend("inductor")
+    return torch.compile(module, fullgraph=True, backend=counter), counter
+
+
+def _grads(out: torch.Tensor, module: nn.Module) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(out.square().sum(), list(module.parameters())))
+
+
+def _assert_same(a: torch.Tensor | list, b: torch.Tensor | list) -> None:
+    # the ops run the same code eager and compiled; only inductor's fusion of the
+    # elementwise glue (bias add, lrt's sqrt, the loss) can round differently
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _train_and_compare(eager: nn.Module, x: torch.Tensor, steps: int) -> None:
+    """Train ``eager`` and a compiled copy side by side (SGD): outputs and gradients agree
+    at every step, and only the first step compiles."""
+    twin = copy.deepcopy(eager)
+    compiled, counter = _compile(twin)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (twin, eager)]
+    for _ in range(steps):
+        y_c, y_e = compiled(x), eager(x)
+        _assert_same(y_c, y_e)
+        for model, y, opt in zip((twin, eager), (y_c, y_e), opts, strict=True):
+            for p, g in zip(model.parameters(), _grads(y, model), strict=True):
+                p.grad = g
+            opt.step()
+        _assert_same([p.grad for p in twin.parameters()], [p.grad for p in eager.parameters()])
+    assert counter.frame_count == 1, "recompiled as the step advanced"
+
+
+# --- torch backend (CPU) ----------------------------------------------------------------
+
+
+def _convnet() -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i, est in enumerate(ESTIMATORS):
+        layers += [
+            spar.nn.BayesConv2d(3 if i == 0 else 4, 4, 3, padding=1, groups=1 if i == 0 else 2,
+                                init_sigma=0.1, estimator=est),
+            nn.ReLU(),
+        ]  # fmt: skip
+    layers.append(nn.Flatten())
+    for i, est in enumerate(ESTIMATORS):
+        layers += [spar.nn.BayesLinear(4 * 5 * 5 if i == 0 else 6, 6, init_sigma=0.1,
+                                       estimator=est), nn.ReLU()]  # fmt: skip
+    return nn.Sequential(*layers[:-1])
+
+
+@pytest.mark.slow  # compiles a six-layer model twice (train, eval)
+def test_montecarlo_compiles_one_graph_matching_eager():
+    """BayesConv2d and BayesLinear with every estimator: three training steps, one graph;
+    then eval-mode predictions (the step stays put) agree too."""
+    mc = spar.nn.MonteCarlo(_convnet(), 3, seed=5)
+    x = torch.randn(2, 3, 5, 5)
+    _train_and_compare(mc, x, steps=3)
+    assert mc.step == 3
+    twin = copy.deepcopy(mc).eval()
+    compiled, _ = _compile(twin)
+    mc.eval()
+    with torch.no_grad():
+        _assert_same(compiled(x), mc(x))
+        _assert_same(compiled(x), mc(x))
+    assert twin.step == 3
+
+
+def test_compiled_model_inside_sampling_context():
+    """Without MonteCarlo: a compiled model run inside ``spar.sampling(step=i)`` with int
+    steps is traced once; changing ``num_samples`` retraces (it fixes shapes) instead of
+    reusing a graph specialized to the old value."""
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        spar.nn.BayesLinear(4, 5, init_sigma=0.2),
+        nn.Tanh(),
+        spar.nn.BayesLinear(5, 2, init_sigma=0.2, estimator="flipout"),
+    )
+    spar.nn.assign_noise_names(model)
+    compiled, counter = _compile(model)
+    x = torch.randn(2 * 3, 4)
+    for step in range(3):
+        with spar.sampling(2, seed=9, step=step, data_offset=4):
+            y_c, y_e = compiled(x), model(x)
+        _assert_same(y_c, y_e)
+        _assert_same(_grads(y_c, model), _grads(y_e, model))
+    assert counter.frame_count == 1
+    with spar.sampling(3, seed=9, step=0):
+        _assert_same(compiled(x), model(x))
+    assert counter.frame_count == 2
+
+
+def test_compiled_layer_outside_context_draws_fresh_noise_per_call():
+    """Outside any context a layer steps its own call counter: compiled, every call still
+    draws a new sample, the same as eager, from one graph."""
+    layer = spar.nn.BayesConv2d(2, 3, 3, init_sigma=0.5)
+    compiled, counter = _compile(copy.deepcopy(layer))
+    x = torch.randn(2, 2, 4, 4)
+    outs = []
+    for _ in range(3):
+        outs.append(compiled(x))
+        _assert_same(outs[-1], layer(x))
+    assert not torch.allclose(outs[0], outs[1])
+    assert counter.frame_count == 1
+
+
+@pytest.mark.slow  # the noise loop's own C++ compile
+@pytest.mark.filterwarnings("error:spar.rng:RuntimeWarning")  # the inner compile must not fail
+def test_inner_compiled_noise_generator_runs_inside_the_compiled_graph(monkeypatch):
+    """On CPU the noise loop is itself ``torch.compile``d (``SPAR_RNG_COMPILE``); inside a
+    custom op it runs when the outer graph runs, not while it is traced."""
+    monkeypatch.setenv("SPAR_RNG_COMPILE", "1")
+    torch.manual_seed(2)
+    layer = spar.nn.BayesLinear(8, 4, bias=False, init_sigma=0.2)
+    _train_and_compare(spar.nn.MonteCarlo(layer, 2), torch.randn(3, 8), steps=2)
+
+
+def test_torch_ops_pass_opcheck():
+    """Schema, fake implementation (shapes, dtypes, strides) and AOT dispatch of each op."""
+    import spar.ops.conv  # noqa: F401 - registers the ops (and those of spar.ops.linear)
+
+    ops = torch.ops.spar
+    key = (torch.tensor(7), 3, 1, 3)  # step, seed, first_sample, num_samples
+    x, mu, rho = torch.randn(6, 5), torch.randn(4, 5), torch.randn(4, 5) - 1.0
+    dy = torch.randn(6, 4)
+    opcheck(ops.normal.default, (*key, 11, [2, 5], 4, torch.device("cpu")))
+    for shared, m in ((False, mu), (True, mu), (False, None)):
+        xx = x[:2] if shared else x
+        opcheck(ops.sampled_linear.default, (xx, m, rho, *key, 11, shared))
+        needs = (True, m is not None, True)
+        opcheck(ops.sampled_linear_backward.default, (dy, xx, m, rho, *key, 11, shared, *needs))
+    opcheck(ops.sampled_linear_backward.default, (dy, x, mu, rho, *key, 11, False, False, True,
+                                                  False))  # fmt: skip
+    # low-precision input, fp32 parameters
+    xh, dyh = x.bfloat16(), dy.bfloat16()
+    opcheck(ops.sampled_linear.default, (xh, mu, rho, *key, 11, False))
+    opcheck(ops.sampled_linear_backward.default, (dyh, xh, mu, rho, *key, 11, False, True, True,
+                                                  False))  # fmt: skip
+    xc, wc, rc = torch.randn(6, 4, 5, 5), torch.randn(6, 2, 3, 3), torch.randn(6, 2, 3, 3) - 1.0
+    geo = ([2, 1], [1, 1], [1, 2], 2)  # stride, padding, dilation, groups
+    opcheck(ops.sampled_conv.default, (xc, wc, rc, *key, 11, *geo))
+    dyc = torch.randn_like(ops.sampled_conv(xc, wc, rc, *key, 11, *geo))
+    opcheck(ops.sampled_conv_backward.default, (dyc, xc, None, rc, *key, 11, *geo, True, False,
+                                                True))  # fmt: skip
+
+
+# --- triton backend (CUDA; CPU tensors under TRITON_INTERPRET=1) --------------------------
+
+
+def _triton_device() -> torch.device:
+    from spar.ops._triton_utils import interpret
+
+    if interpret():
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
+    return torch.device("cuda")
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("path", ["fused", "chunked"])
+def test_triton_montecarlo_compiles_one_graph_matching_eager(monkeypatch, path):
+    """The triton backend's ops (both reparam paths, lrt, flipout) in a compiled
+    MonteCarlo: eager's outputs and gradients, one graph."""
+    monkeypatch.setenv("SPAR_BACKEND", "triton")
+    monkeypatch.setenv("SPAR_LINEAR_PATH", path)
+    dev = _triton_device()
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        spar.nn.BayesLinear(5, 8, init_sigma=0.1, estimator="reparam"),
+        nn.ReLU(),
+        spar.nn.BayesLinear(8, 8, init_sigma=0.1, estimator="lrt"),
+        nn.ReLU(),
+        spar.nn.BayesLinear(8, 3, init_sigma=0.1, estimator="flipout"),
+    ).to(dev)
+    _train_and_compare(spar.nn.MonteCarlo(model, 3, seed=5), torch.randn(2, 5, device=dev), 2)
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not installed")
+def test_triton_ops_pass_opcheck():
+    """As for the torch ops, with fp32 and bf16 inputs."""
+    from spar.ops import linear_triton, lrt_flipout  # noqa: F401 - registers the ops
+
+    dev = _triton_device()
+    rand = lambda *shape: torch.randn(*shape, device=dev)  # noqa: E731
+    st = torch.tensor(7)
+    key = (st, 3, 1, 3)
+    x, mu, rho, bmu, brho = rand(6, 5), rand(4, 5), rand(4, 5) - 1.0, rand(4), rand(4) - 1.0
+    ops = torch.ops.spar
+    for path in ("fused", "chunked"):
+        fwd = getattr(ops, f"triton_linear_{path}").default
+        bwd = getattr(ops, f"triton_linear_{path}_backward").default
+        opcheck(fwd, (x, mu, rho, bmu, brho, *key, 11, 12, False))
+        opcheck(fwd, (x[:2], None, rho, None, None, *key, 11, 12, True))
+        opcheck(bwd, (rand(6, 4), x, mu, rho, brho, *key, 11, 12, False, *[True] * 5))
+        opcheck(bwd, (rand(6, 4), x[:2], None, rho, None, *key, 11, 12, True, True, False, True,
+                      False, False))  # fmt: skip
+        xh, dyh = x.bfloat16(), rand(6, 4).bfloat16()
+        opcheck(fwd, (xh, mu, rho, bmu, brho, *key, 11, 12, False))
+        opcheck(bwd, (dyh, xh, mu, rho, brho, *key, 11, 12, False, False, True, True, False,
+                      True))  # fmt: skip
+    m, v = rand(6, 4), rand(6, 4).abs()
+    opcheck(ops.triton_lrt_noise.default, (m, v, *key, 2, 11, False))
+    opcheck(ops.triton_lrt_noise_backward.default, (m, v[:2], *key, 2, 11, True))
+    opcheck(ops.triton_sign_mul.default, (m[:2], *key, 2, 11, True, torch.float32))
+    opcheck(ops.triton_flipout_out.default, (m, v, rand(3, 4), *key, 2, 11, False))
+    opcheck(ops.triton_normal.default, (*key, 11, [4], dev))

@@ -1,30 +1,40 @@
-"""Backend registry: which implementation of an op runs for a given tensor.
+"""Which backend runs a primitive: a registry keyed by ``(primitive, backend)``.
 
-``SPAR_BACKEND`` selects it: ``auto`` (default) takes the fastest backend that loads for
-the tensor's device and falls back silently to ``torch``; ``torch``, ``triton`` or
-``cuda`` ask for one backend, and asking for one that cannot run raises with the reason.
-A backend registers its ops by importing its module; the loaders below say which module
-that is, so nothing heavy (triton, nvcc) is imported until it is needed.
+Backends (``spar/ops/torch``, ``spar/ops/triton``; ``cuda`` is reserved for the CUDA
+backend and not written yet) register the primitives they implement when their package
+is imported; nothing heavy (triton) is imported until a backend is needed.
+
+The rule, per primitive and per call (``SPAR_BACKEND``, parsed by :mod:`spar._env`):
+
+* ``auto`` (default): on a CUDA tensor the first of ``triton``, ``cuda``, ``torch`` that
+  loads and implements the primitive; on any other device ``torch``.
+* ``torch`` / ``triton`` / ``cuda``: that backend must load, else
+  :class:`BackendUnavailable` says why. A primitive it does not implement runs on
+  ``torch``, which implements every primitive on every device (e.g. ``sampled_conv`` has
+  no Triton kernel yet: under ``SPAR_BACKEND=triton`` a convolution samples its weights on
+  the torch backend and its lrt/flipout noise on Triton). :func:`backend_for` tells which.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Callable
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
+from spar import _env
 
-# backend -> module whose import registers its ops (None: not written yet)
+BACKENDS = ("torch", "triton", "cuda")
+PRIMITIVES = ("sampled_linear", "sampled_conv", "lrt_noise", "sign_mul", "normal")
+
+# backend -> package whose import registers its primitives (None: not written yet)
 _LOADERS: dict[str, str | None] = {
-    "torch": "spar.ops._torch_backend",
-    "triton": "spar.ops._triton_backend",
+    "torch": "spar.ops.backends.torch",
+    "triton": "spar.ops.backends.triton",
     "cuda": None,
 }
 _REGISTRY: dict[tuple[str, str], Callable] = {}
-# backend -> None once its module imported, else why it failed (each backend loads once)
+# backend -> None once its package imported, else why it failed (each backend loads once)
 _LOAD_RESULTS: dict[str, str | None] = {}
 
 
@@ -32,17 +42,18 @@ class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run here."""
 
 
-def register(op: str, backend: str, fn: Callable) -> None:
+def register(primitive: str, backend: str, fn: Callable) -> None:
+    if primitive not in PRIMITIVES:
+        raise ValueError(f"primitive must be one of {PRIMITIVES}, got {primitive!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _REGISTRY[(op, backend)] = fn
+    _REGISTRY[(primitive, backend)] = fn
 
 
 @torch.compiler.assume_constant_result
 def _load(backend: str) -> str | None:
-    """Import the backend's module; return None on success, else why it failed. Under
-    ``torch.compile`` this runs once at trace time and its result is a constant: the first
-    call may happen inside a traced model."""
+    """Import the backend's package; return None on success, else why it failed. Under
+    ``torch.compile`` this runs once at trace time and its result is a constant."""
     if backend in _LOAD_RESULTS:
         return _LOAD_RESULTS[backend]
     module = _LOADERS[backend]
@@ -59,33 +70,41 @@ def _load(backend: str) -> str | None:
 
 
 def requested_backend() -> str:
-    name = os.environ.get("SPAR_BACKEND", "auto").strip().lower()
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"SPAR_BACKEND must be one of auto, {', '.join(BACKENDS)}; got {name!r}")
-    return name
+    return _env.backend()
 
 
-def _auto_order(device: torch.device) -> tuple[str, ...]:
-    return ("triton", "cuda", "torch") if device.type == "cuda" else ("torch",)
-
-
-def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
-    """The backend name and function that run ``op`` on ``device``."""
+def backend_for(primitive: str, device: torch.device) -> str:
+    """The backend that runs ``primitive`` on ``device`` under the current
+    ``SPAR_BACKEND`` (see the module doc for the rule)."""
     name = requested_backend()
     if name != "auto":
         err = _load(name)
-        if err is None and (op, name) not in _REGISTRY:
-            err = f"the {name} backend has no implementation of {op!r}"
         if err is not None:
-            raise BackendUnavailable(f"SPAR_BACKEND={name} cannot run {op!r}: {err}")
-        return name, _REGISTRY[(op, name)]
-    for candidate in _auto_order(device):
-        if _load(candidate) is None and (op, candidate) in _REGISTRY:
-            return candidate, _REGISTRY[(op, candidate)]
-    errors = {b: e for b, e in _LOAD_RESULTS.items() if e is not None}
-    raise BackendUnavailable(f"no backend can run {op!r} on {device}: {errors}")
+            raise BackendUnavailable(f"SPAR_BACKEND={name} cannot run: {err}")
+        if (primitive, name) in _REGISTRY:
+            return name
+    else:
+        order = ("triton", "cuda") if device.type == "cuda" else ()
+        for candidate in order:
+            if _load(candidate) is None and (primitive, candidate) in _REGISTRY:
+                return candidate
+    err = _load("torch")
+    if err is not None:  # pragma: no cover - the torch backend imports only torch
+        raise BackendUnavailable(f"the torch backend does not load: {err}")
+    return "torch"
+
+
+def resolve(primitive: str, device: torch.device) -> Callable:
+    """The function that runs ``primitive`` on ``device``."""
+    return _REGISTRY[(primitive, backend_for(primitive, device))]
 
 
 def available_backends() -> dict[str, str | None]:
     """``{backend: None if it loads, else the reason it does not}``."""
     return {b: _load(b) for b in BACKENDS}
+
+
+def implemented(backend: str) -> tuple[str, ...]:
+    """The primitives ``backend`` implements itself (after loading it)."""
+    _load(backend)
+    return tuple(p for p in PRIMITIVES if (p, backend) in _REGISTRY)

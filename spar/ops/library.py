@@ -1,27 +1,33 @@
-"""spar's ops as PyTorch custom ops (``torch.library``, namespace ``spar``).
+"""How a backend turns its kernels into spar primitives: custom ops, fakes, autograd.
 
-Each Bayesian op is registered with the dispatcher as a forward and a backward custom op,
-both with a fake implementation (shapes and dtypes only). ``torch.compile`` and FakeTensor
-tracing see one opaque node per op: they do not trace into the noise generator (whose CPU
-loop is itself ``torch.compile``d) or the Triton launchers. The op files define their ops
-next to the code they run (:func:`spar_op`); each keeps its ``torch.autograd.Function``,
-whose forward and backward call the two ops (dynamo traces the Function, so the compiled
-graph calls the backward op, which regenerates the noise: nothing is stored, as in eager
-mode).
+A *primitive* is one differentiable piece of math that an estimator is written in
+(:mod:`spar.ops`): ``sampled_linear``, ``sampled_conv``, ``lrt_noise``, ``sign_mul``, plus
+the non-differentiable ``normal``. A backend supplies, per primitive, a forward and a
+backward function with plain Python signatures::
 
-In eager mode the Functions call the ops' implementations directly: no dispatcher round
-trip per call, and dispatch modes (memory trackers, FLOP counters) see the aten ops inside,
-as they did before the ops were registered. Traced (torch.compile, export, FakeTensor
-inputs), they call the registered op.
+    forward(*inputs, key, *static) -> Tensor
+    backward(dy, *inputs, key, *static, needs) -> tuple[Tensor | None, ...]  # one per input
 
-The noise key reaches an op as ``(step, seed, first_sample, num_samples[, data_offset])``.
-``step`` is a 0-d int64 tensor that the op reads when it runs, so a compiled model whose
-step advances every training step (``MonteCarlo``'s step buffer) is traced once; the other
-fields are ints, constant from step to step (``num_samples`` also fixes shapes). Keep that
-tensor on the CPU: reading it from a GPU would synchronize once per op.
+``inputs`` are tensors (or None), ``key`` is a :class:`spar.rng.NoiseKey` with an int
+step, ``static`` are ints (parameter ids, flags, convolution geometry), ``needs`` says
+which input gradients are wanted. :func:`primitive` registers both as ``torch.library``
+custom ops (namespace ``spar``) and returns a differentiable function. Every primitive
+shares one schema, so the noise key is packed in one place (:func:`pack_key`)::
 
-This module holds the key helpers and the one op every backend shares, ``spar::normal``
-(the keyed normals of :mod:`spar.rng`).
+    spar::{name}(Tensor?[] inputs, Tensor step, int[] key, int[] static) -> Tensor
+    spar::{name}_backward(Tensor dy, Tensor?[] inputs, Tensor step, int[] key,
+                          int[] static, bool[] needs) -> Tensor[]
+
+``step`` is a 0-d int64 CPU tensor read when the op runs, so a compiled model whose step
+advances every training step is traced once; ``key`` is ``[seed, first_sample,
+num_samples, data_offset]``, constant from step to step. The backward's fake is generic
+(each gradient has its input's shape and dtype); a backend gives only the forward's.
+
+``torch.compile`` and FakeTensor tracing see one opaque node per op; they do not trace into
+the noise generator or the kernels. The autograd Function saves the inputs and the key,
+never noise or sampled weights, and its backward calls the backward op, which regenerates
+the noise. In eager mode the Function calls the implementations directly (no dispatcher
+round trip, and dispatch modes such as memory trackers see the aten ops inside).
 """
 
 from __future__ import annotations
@@ -33,84 +39,170 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
-from spar import rng
+from spar import _env
+from spar.ops import dispatch
 from spar.rng import NoiseKey
 
+# the floor under a variance before its square root: sqrt stays differentiable at 0 and the
+# gradient is 0 below it (lrt's variance of a zero input). Every backend and the reference.
+VAR_FLOOR = 1e-30
 
-def step_tensor(key: NoiseKey) -> Tensor:
-    """The key's step as the 0-d int64 tensor the ops take: a tensor step (from
-    :class:`spar.nn.MonteCarlo` or :func:`spar.sampling`) passes through, an int is wrapped."""
+
+def chunk_samples(num_samples: int, numel_per_sample: int) -> int:
+    """How many samples' weights a backend materializes at once: as many as fit in
+    ``SPAR_CHUNK_NUMEL`` elements, and at least one (a weight larger than the budget is
+    sampled whole)."""
+    return max(1, min(num_samples, _env.chunk_numel() // max(1, numel_per_sample)))
+
+
+def pack_key(key: NoiseKey) -> tuple[Tensor, list[int]]:
+    """``(step, [seed, first_sample, num_samples, data_offset])``: the key as op arguments.
+    A tensor step (from :class:`spar.nn.MonteCarlo` or :func:`spar.sampling`) passes
+    through; an int is wrapped."""
     step = key.step
-    if isinstance(step, Tensor):
-        return step
-    return torch.tensor(step, dtype=torch.int64)
+    if not isinstance(step, Tensor):
+        step = torch.tensor(step, dtype=torch.int64)
+    return step, [key.seed, key.first_sample, key.num_samples, key.data_offset]
 
 
-def key_args(key: NoiseKey) -> tuple[Tensor, int, int, int, int]:
-    """``(step, seed, first_sample, num_samples, data_offset)``: the key as op arguments."""
-    return step_tensor(key), key.seed, key.first_sample, key.num_samples, key.data_offset
-
-
-def make_key(step: Tensor, seed: int, first_sample: int, num_samples: int,
-             data_offset: int = 0) -> NoiseKey:  # fmt: skip
-    """The key with an int step, inside an op's implementation (where the launchers and
-    the generator run)."""
+def unpack_key(step: Tensor, ints: Sequence[int]) -> NoiseKey:
+    """The key with an int step, inside an implementation (where kernels run)."""
+    seed, first_sample, num_samples, data_offset = (int(v) for v in ints)
     return NoiseKey(seed, int(step), first_sample, num_samples, data_offset)
 
 
-def or_empty(t: Tensor | None, like: Tensor) -> Tensor:
-    """An op's output where the result was not asked for: an empty placeholder (custom ops
-    return tensors, never None; the autograd Function maps it back to None)."""
-    return like.new_empty(0) if t is None else t
+def _traced(args) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return any(isinstance(a, FakeTensor) for a in args if isinstance(a, Tensor)) or any(
+        isinstance(t, FakeTensor) for a in args if isinstance(a, list) for t in a
+    )
 
 
-def spar_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
-    """Register the decorated function (type-annotated: the schema is inferred from it) as
-    the custom op ``spar::{name}`` with the fake implementation ``fake``; returns a function
-    that calls the registered op (``torch.ops.spar.{name}``) when traced and the
-    implementation itself in eager mode."""
-
-    def register(impl: Callable) -> Callable:
-        op = torch.library.custom_op(f"spar::{name}", impl, mutates_args=())
-        op.register_fake(fake)
-
-        @functools.wraps(impl)
-        def call(*args):
-            if torch.compiler.is_compiling() or any(isinstance(a, FakeTensor) for a in args):
-                return op(*args)
-            return impl(*args)
-
-        return call
-
-    return register
+# --- fakes: the output of each primitive as an empty tensor (shapes, dtypes, device) ------
+# Arguments: the tensor inputs, the number of samples, then the static ints.
 
 
-def _normal_fake(step, seed, first_sample, num_samples, pid, shape, first_row, device):
-    return torch.empty((num_samples, *shape), dtype=torch.float32, device=device)
+def _folded_rows(t, num_samples: int, shared: int) -> int:
+    return num_samples * t.shape[0] if shared else t.shape[0]
 
 
-@spar_op("normal", _normal_fake)
-def normal_op(step: Tensor, seed: int, first_sample: int, num_samples: int, pid: int,
-              shape: Sequence[int], first_row: int, device: torch.device) -> Tensor:  # fmt: skip
-    """Float32 ``(num_samples, *shape)`` noise of parameter ``pid`` (:func:`spar.rng.normal`)."""
-    return rng.normal(seed, int(step), pid, first_sample, num_samples, shape,
-                      first_row=first_row, device=device)  # fmt: skip
+def _sampled_linear_fake(x, mu, rho, num_samples, pid, shared):
+    return x.new_empty(_folded_rows(x, num_samples, shared), rho.shape[0])
 
 
-def normal(
-    key: NoiseKey,
-    pid: int,
-    shape: Sequence[int],
-    *,
-    first_row: int = 0,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """:meth:`spar.rng.NoiseKey.normal` for all of the key's samples through the
-    ``spar::normal`` op: ``(num_samples, *shape)`` in ``dtype``, generated in float32."""
-    device = torch.device("cpu") if device is None else torch.device(device)
-    eps = normal_op(
-        step_tensor(key), key.seed, key.first_sample, key.num_samples, pid, list(shape),
-        first_row, device,
-    )  # fmt: skip
-    return eps.to(dtype)
+def conv_out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def _sampled_conv_fake(x, mu, rho, num_samples, pid, shared, groups, *geometry):
+    nd = rho.dim() - 2
+    geo = (geometry[:nd], geometry[nd : 2 * nd], geometry[2 * nd :])
+    spatial = [conv_out_size(*a) for a in zip(x.shape[2:], rho.shape[2:], *geo, strict=True)]
+    return x.new_empty(_folded_rows(x, num_samples, shared), rho.shape[0], *spatial)
+
+
+def _folded_fake(t, num_samples, noise_id, shared):
+    return t.new_empty(_folded_rows(t, num_samples, shared), *t.shape[1:])
+
+
+def _normal_fake(like, num_samples, pid, *shape):
+    return like.new_empty((num_samples, *shape), dtype=torch.float32)
+
+
+FAKES = {
+    "sampled_linear": _sampled_linear_fake,
+    "sampled_conv": _sampled_conv_fake,
+    "lrt_noise": _folded_fake,
+    "sign_mul": _folded_fake,
+    "normal": _normal_fake,
+}
+
+
+def _fake_grads(dy, inputs, step, key, static, needs):
+    return [
+        (t.new_empty(t.shape) if need else t.new_empty(0)) if t is not None else dy.new_empty(0)
+        for t, need in zip(inputs, needs, strict=True)
+    ]
+
+
+def define(primitive: str, backend: str, forward: Callable, backward: Callable | None = None):
+    """Register ``backend``'s implementation of ``primitive`` as the custom ops
+    ``spar::{backend}_{primitive}`` (and ``..._backward`` when ``backward`` is given, i.e.
+    for every primitive but ``normal``) and with the dispatcher; returns
+    ``apply(*inputs, key, *static)``, differentiable w.r.t. the tensor inputs."""
+    fake = FAKES[primitive]
+    name = f"{backend}_{primitive}"
+
+    def fwd_impl(inputs: Sequence[Tensor | None], step: Tensor, key: Sequence[int],
+                 static: Sequence[int]) -> Tensor:  # fmt: skip
+        return forward(*inputs, unpack_key(step, key), *(int(s) for s in static))
+
+    def fwd_fake(inputs, step, key, static):
+        return fake(*inputs, int(key[2]), *(int(s) for s in static))
+
+    fwd_op = torch.library.custom_op(f"spar::{name}", fwd_impl, mutates_args=())
+    fwd_op.register_fake(fwd_fake)
+
+    def call_forward(inputs, step, key, static):
+        args = (inputs, step, key, static)
+        return fwd_op(*args) if _traced(inputs) else fwd_impl(*args)
+
+    if backward is None:
+
+        def apply_nograd(*args):
+            n = len(args) - next(i for i, a in enumerate(args) if isinstance(a, NoiseKey))
+            inputs, (key, *static) = args[:-n], args[-n:]
+            step, ints = pack_key(key)
+            # not differentiable: detached inputs keep autograd away from the op
+            inputs = [t.detach() if isinstance(t, Tensor) else t for t in inputs]
+            return call_forward(inputs, step, ints, list(static))
+
+        dispatch.register(primitive, backend, apply_nograd)
+        return apply_nograd
+
+    def bwd_impl(dy: Tensor, inputs: Sequence[Tensor | None], step: Tensor, key: Sequence[int],
+                 static: Sequence[int], needs: Sequence[bool]) -> list[Tensor]:  # fmt: skip
+        grads = backward(
+            dy, *inputs, unpack_key(step, key), *(int(s) for s in static), tuple(needs)
+        )
+        # custom ops return tensors: what was not asked for is an empty placeholder
+        return [
+            g if (g is not None and need) else dy.new_empty(0)
+            for g, need in zip(grads, needs, strict=True)
+        ]
+
+    bwd_op = torch.library.custom_op(f"spar::{name}_backward", bwd_impl, mutates_args=())
+    bwd_op.register_fake(_fake_grads)
+
+    def call_backward(dy, inputs, step, key, static, needs):
+        args = (dy, inputs, step, key, static, needs)
+        return bwd_op(*args) if _traced([dy, inputs]) else bwd_impl(*args)
+
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, step, key, static, *inputs):
+            ctx.save_for_backward(*inputs)
+            # the step (a 0-d tensor that nothing modifies in place: spar.sampling holds its
+            # own copy) rides on ctx rather than in the saved tensors
+            ctx.step, ctx.key, ctx.static = step, key, static
+            return call_forward(list(inputs), step, key, static)
+
+        @staticmethod
+        def backward(ctx, dy):
+            inputs = ctx.saved_tensors
+            needs = list(ctx.needs_input_grad[3:])
+            grads = call_backward(dy, list(inputs), ctx.step, ctx.key, ctx.static, needs)
+            return None, None, None, *(g if n else None for g, n in zip(grads, needs, strict=True))
+
+    Fn.__name__ = Fn.__qualname__ = f"{name}_function"
+
+    @functools.wraps(forward)
+    def apply(*args):
+        n = len(args) - next(i for i, a in enumerate(args) if isinstance(a, NoiseKey))
+        inputs, (key, *static) = args[:-n], args[-n:]
+        step, ints = pack_key(key)
+        return Fn.apply(step, ints, [int(s) for s in static], *inputs)
+
+    dispatch.register(primitive, backend, apply)
+    return apply

@@ -149,40 +149,52 @@ def test_inner_compiled_noise_generator_runs_inside_the_compiled_graph(monkeypat
     _train_and_compare(spar.nn.MonteCarlo(layer, 2), torch.randn(3, 8), steps=2)
 
 
-def test_torch_ops_pass_opcheck():
-    """Schema, fake implementation (shapes, dtypes, strides) and AOT dispatch of each op."""
-    import spar.ops.conv  # noqa: F401 - registers the ops (and those of spar.ops.linear)
-
+def _opcheck_primitives(backend: str, device: torch.device) -> None:
+    """Schema, fake implementation (shapes, dtypes, strides) and AOT dispatch of each of
+    ``backend``'s primitives, forward and backward, fp32 and bf16 inputs."""
     ops = torch.ops.spar
-    key = (torch.tensor(7), 3, 1, 3)  # step, seed, first_sample, num_samples
-    x, mu, rho = torch.randn(6, 5), torch.randn(4, 5), torch.randn(4, 5) - 1.0
-    dy = torch.randn(6, 4)
-    opcheck(ops.normal.default, (*key, 11, [2, 5], 4, torch.device("cpu")))
-    for shared, m in ((False, mu), (True, mu), (False, None)):
-        xx = x[:2] if shared else x
-        opcheck(ops.sampled_linear.default, (xx, m, rho, *key, 11, shared))
-        needs = (True, m is not None, True)
-        opcheck(ops.sampled_linear_backward.default, (dy, xx, m, rho, *key, 11, shared, *needs))
-    opcheck(ops.sampled_linear_backward.default, (dy, x, mu, rho, *key, 11, False, False, True,
-                                                  False))  # fmt: skip
-    # low-precision input, fp32 parameters
-    xh, dyh = x.bfloat16(), dy.bfloat16()
-    opcheck(ops.sampled_linear.default, (xh, mu, rho, *key, 11, False))
-    opcheck(ops.sampled_linear_backward.default, (dyh, xh, mu, rho, *key, 11, False, True, True,
-                                                  False))  # fmt: skip
+    rand = lambda *shape: torch.randn(*shape, device=device)  # noqa: E731
+    step, key = torch.tensor(7), [3, 1, 3, 5]  # seed, first_sample, num_samples, data_offset
+    x, mu, rho, dy = rand(6, 5), rand(4, 5), rand(4, 5) - 1.0, rand(6, 4)
+
+    def check(name, inputs, static, dy_, needs):
+        opcheck(getattr(ops, f"{backend}_{name}").default, (inputs, step, key, static))
+        bwd = getattr(ops, f"{backend}_{name}_backward").default
+        opcheck(bwd, (dy_, inputs, step, key, static, needs))
+
+    for xx, m, shared in ((x, mu, 0), (x[:2], mu, 1), (x, None, 0), (x.bfloat16(), mu, 0)):
+        check("sampled_linear", [xx, m, rho], [11, shared], dy.to(xx.dtype), [True, True, True])
+    check("sampled_linear", [x, mu, rho], [11, 0], dy, [False, False, True])
+    v = rand(6, 3, 2).abs()
+    for t, shared in ((v, 0), (v[:2], 1), (v.bfloat16(), 0)):
+        dy_ = rand(6, 3, 2).to(t.dtype)
+        check("lrt_noise", [t], [11, shared], dy_, [True])
+        check("sign_mul", [t], [11, shared], dy_, [True])
+    opcheck(getattr(ops, f"{backend}_normal").default, ([mu], step, key, [11, 2, 5]))
+
+
+def test_torch_ops_pass_opcheck():
+    import spar.ops.backends.torch  # noqa: F401 - registers the primitives
+
+    _opcheck_primitives("torch", torch.device("cpu"))
+    ops = torch.ops.spar
+    step, key = torch.tensor(7), [3, 1, 3, 0]
     xc, wc, rc = torch.randn(6, 4, 5, 5), torch.randn(6, 2, 3, 3), torch.randn(6, 2, 3, 3) - 1.0
-    geo = ([2, 1], [1, 1], [1, 2], 2)  # stride, padding, dilation, groups
-    opcheck(ops.sampled_conv.default, (xc, wc, rc, *key, 11, *geo))
-    dyc = torch.randn_like(ops.sampled_conv(xc, wc, rc, *key, 11, *geo))
-    opcheck(ops.sampled_conv_backward.default, (dyc, xc, None, rc, *key, 11, *geo, True, False,
-                                                True))  # fmt: skip
+    for xx, shared in ((xc, 0), (xc[:2], 1)):
+        static = [11, shared, 2, 2, 1, 1, 1, 1, 2]  # pid, shared, groups, stride, pad, dil
+        opcheck(ops.torch_sampled_conv.default, ([xx, wc, rc], step, key, static))
+        dyc = torch.randn(6, 6, 3, 3)
+        assert ops.torch_sampled_conv([xx, wc, rc], step, key, static).shape == dyc.shape
+        needs = [True, shared == 0, True]
+        opcheck(ops.torch_sampled_conv_backward.default, (dyc, [xx, wc, rc], step, key, static,
+                                                          needs))  # fmt: skip
 
 
 # --- triton backend (CUDA; CPU tensors under TRITON_INTERPRET=1) --------------------------
 
 
 def _triton_device() -> torch.device:
-    from spar.ops._triton_utils import interpret
+    from spar.ops.backends.triton._utils import interpret
 
     if interpret():
         return torch.device("cpu")
@@ -212,30 +224,7 @@ def test_triton_montecarlo_compiles_one_graph_matching_eager(monkeypatch, path):
 
 @pytest.mark.skipif(not TRITON, reason="triton is not installed")
 def test_triton_ops_pass_opcheck():
-    """As for the torch ops, with fp32 and bf16 inputs."""
-    from spar.ops import linear_triton, lrt_flipout  # noqa: F401 - registers the ops
+    """As for the torch primitives (sampled_conv falls back to torch)."""
+    import spar.ops.backends.triton  # noqa: F401 - registers the primitives
 
-    dev = _triton_device()
-    rand = lambda *shape: torch.randn(*shape, device=dev)  # noqa: E731
-    st = torch.tensor(7)
-    key = (st, 3, 1, 3)
-    x, mu, rho, bmu, brho = rand(6, 5), rand(4, 5), rand(4, 5) - 1.0, rand(4), rand(4) - 1.0
-    ops = torch.ops.spar
-    for path in ("fused", "chunked"):
-        fwd = getattr(ops, f"triton_linear_{path}").default
-        bwd = getattr(ops, f"triton_linear_{path}_backward").default
-        opcheck(fwd, (x, mu, rho, bmu, brho, *key, 11, 12, False))
-        opcheck(fwd, (x[:2], None, rho, None, None, *key, 11, 12, True))
-        opcheck(bwd, (rand(6, 4), x, mu, rho, brho, *key, 11, 12, False, *[True] * 5))
-        opcheck(bwd, (rand(6, 4), x[:2], None, rho, None, *key, 11, 12, True, True, False, True,
-                      False, False))  # fmt: skip
-        xh, dyh = x.bfloat16(), rand(6, 4).bfloat16()
-        opcheck(fwd, (xh, mu, rho, bmu, brho, *key, 11, 12, False))
-        opcheck(bwd, (dyh, xh, mu, rho, brho, *key, 11, 12, False, False, True, True, False,
-                      True))  # fmt: skip
-    m, v = rand(6, 4), rand(6, 4).abs()
-    opcheck(ops.triton_lrt_noise.default, (m, v, *key, 2, 11, False))
-    opcheck(ops.triton_lrt_noise_backward.default, (m, v[:2], *key, 2, 11, True))
-    opcheck(ops.triton_sign_mul.default, (m[:2], *key, 2, 11, True, torch.float32))
-    opcheck(ops.triton_flipout_out.default, (m, v, rand(3, 4), *key, 2, 11, False))
-    opcheck(ops.triton_normal.default, (*key, 11, [4], dev))
+    _opcheck_primitives("triton", _triton_device())

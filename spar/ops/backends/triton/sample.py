@@ -8,18 +8,17 @@ backward reduces the per-sample weight gradients into ``grad_mu`` and ``grad_rho
 A parameter of any shape is viewed as the 2-D array ``(rows, cols) = (shape[0],
 numel // shape[0])`` of the noise key (a vector is one row), see :mod:`spar.rng`.
 
-Order in this file: kernels -> launchers -> ``SampleWeightsFunction`` -> ``sample_weight``.
+Order in this file: kernels -> launchers.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from spar.ops._triton_utils import (
+from spar.ops.backends.triton._utils import (
     as_i32,
     check_device,
     interpret,
@@ -272,53 +271,3 @@ def sample_weights_backward(
         BLOCK_R=br, BLOCK_C=bc,
     )  # fmt: skip
     return grad_mu, grad_eps
-
-
-# ---------------------------------------------------------------------------------------
-# autograd
-# ---------------------------------------------------------------------------------------
-
-
-class SampleWeightsFunction(torch.autograd.Function):
-    """``W = mu + softplus(rho) * eps``: mu, rho ``(*shape)`` fp32 (``mu=None``: zero
-    mean) -> ``(S, *shape)`` in ``dtype``. Saves only ``rho`` (the output is the caller's
-    business); eps is regenerated in backward."""
-
-    @staticmethod
-    def forward(ctx, mu, rho, key: NoiseKey, pid: int, dtype: torch.dtype | None):
-        sig = F.softplus(as_rows_cols(rho))
-        mu2 = None if mu is None else as_rows_cols(mu)
-        w = sample_weights(mu2, sig, key, pid, dtype=dtype or rho.dtype)
-        ctx.save_for_backward(rho)
-        ctx.key, ctx.pid, ctx.has_mu = key, pid, mu is not None
-        return w.view(key.num_samples, *rho.shape)
-
-    @staticmethod
-    def backward(ctx, grad_w):
-        (rho,) = ctx.saved_tensors
-        S = ctx.key.num_samples
-        need_mu = ctx.has_mu and ctx.needs_input_grad[0]
-        rho2 = as_rows_cols(rho)
-        g = grad_w.reshape(S, *rho2.shape)
-        g_mu, g_rho = sample_weights_backward(g, ctx.key, ctx.pid, need_mu=need_mu, rho=rho2)
-        g_rho = g_rho.view_as(rho) if ctx.needs_input_grad[1] else None
-        if g_mu is not None:
-            g_mu = g_mu.view_as(rho)
-        return g_mu, g_rho, None, None, None
-
-
-def sample_weight(
-    mu: Tensor | None,
-    rho: Tensor,
-    key: NoiseKey,
-    pid: int,
-    *,
-    dtype: torch.dtype | None = None,
-) -> Tensor:
-    """Differentiable weight samples of ``key``: ``(S, *rho.shape)``; gradients reach
-    ``mu`` and ``rho`` summed over samples, with no stored noise."""
-    if mu is not None and mu.shape != rho.shape:
-        raise ValueError(f"mu shape {tuple(mu.shape)} != rho shape {tuple(rho.shape)}")
-    if rho.dtype != torch.float32 or (mu is not None and mu.dtype != torch.float32):
-        raise TypeError("mu and rho must be float32")
-    return SampleWeightsFunction.apply(mu, rho, key, pid, dtype)

@@ -1,0 +1,11 @@
+"""The torch backend: every primitive, on every device, in plain torch ops (noise from
+:mod:`spar.rng`). It is the fallback of every other backend (see :mod:`spar.ops.dispatch`)."""
+
+from spar.ops.backends.torch import noise, sampled
+from spar.ops.library import define
+
+define("sampled_linear", "torch", sampled.linear_forward, sampled.linear_backward)
+define("sampled_conv", "torch", sampled.conv_forward, sampled.conv_backward)
+define("lrt_noise", "torch", noise.lrt_noise_forward, noise.lrt_noise_backward)
+define("sign_mul", "torch", noise.sign_mul_forward, noise.sign_mul_backward)
+define("normal", "torch", noise.normal_forward)

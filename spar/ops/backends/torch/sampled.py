@@ -1,0 +1,214 @@
+"""``sampled_linear`` and ``sampled_conv`` on the torch backend (any device).
+
+``y_s = op(x_s, W_s)`` with ``W_s = mu + softplus(rho) * eps_s`` for the key's S samples
+(``mu=None``: the zero-mean perturbation of flipout). Forward and backward walk the
+samples in chunks of at most ``SPAR_CHUNK_NUMEL`` weight elements (at least one sample);
+for each chunk the noise is regenerated from the key (:mod:`spar.rng`), the chunk's
+weights are formed, used and dropped. Autograd saves ``x`` and the parameters, never
+``eps`` or ``W_s``: extra memory is one chunk of weights whatever ``S`` is.
+
+Convolutions run a chunk of samples as one grouped convolution (samples become channel
+groups). A shared input ``(B, ...)`` (the first layer of a model) is read once: linear
+multiplies it by each sample's weights, convolution stacks the chunk's weights along the
+output channels, and its gradient is the sum over samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from spar.ops.library import chunk_samples
+from spar.rng import NoiseKey
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def chunks(num_samples: int, numel_per_sample: int) -> Iterator[tuple[int, int]]:
+    c = chunk_samples(num_samples, numel_per_sample)
+    for lo in range(0, num_samples, c):
+        yield lo, min(num_samples, lo + c)
+
+
+def _weights(key: NoiseKey, pid: int, mu: Tensor | None, sig: Tensor, lo: int, hi: int,
+             dtype: torch.dtype) -> Tensor:  # fmt: skip
+    """Weights of local samples ``[lo, hi)`` in ``dtype``, formed in the generator's loop."""
+    if mu is None:
+        eps = key.normal(pid, sig.shape, samples=(lo, hi), device=sig.device, dtype=sig.dtype)
+        return (sig * eps).to(dtype)
+    return key.sample(pid, mu, sig, samples=(lo, hi), dtype=dtype)
+
+
+def _param_grads(g_w: Tensor, key: NoiseKey, pid: int, lo: int, hi: int, g_mu: Tensor | None,
+                 g_eps: Tensor | None) -> None:  # fmt: skip
+    """Add a chunk's per-sample weight gradients ``g_w (c, *W)`` into ``g_mu`` (their sum)
+    and ``g_eps`` (their sum weighted by the regenerated noise)."""
+    if g_mu is not None:
+        g_mu += g_w.sum(0)
+    if g_eps is not None:
+        eps = key.normal(pid, g_w.shape[1:], samples=(lo, hi), device=g_w.device, dtype=g_w.dtype)
+        g_eps += g_w.mul_(eps).sum(0)  # in place: g_w is not needed any more
+
+
+def _grad_buffers(rho: Tensor, need_mu: bool, need_rho: bool):
+    g_mu = rho.new_zeros(rho.shape) if need_mu else None
+    g_eps = rho.new_zeros(rho.shape) if need_rho else None
+    return g_mu, g_eps
+
+
+def _finish_rho(g_eps: Tensor | None, rho: Tensor) -> Tensor | None:
+    # d softplus(rho) / d rho = sigmoid(rho)
+    return None if g_eps is None else g_eps.mul_(torch.sigmoid(rho))
+
+
+# --- linear -------------------------------------------------------------------------------
+
+
+def linear_forward(x: Tensor, mu: Tensor | None, rho: Tensor, key: NoiseKey, pid: int,
+                   shared: int) -> Tensor:  # fmt: skip
+    """x ``(S*B, K)`` or shared ``(B, K)`` -> ``(S*B, N)``."""
+    S = key.num_samples
+    N, K = rho.shape
+    sig = F.softplus(rho)
+    xs = x.unsqueeze(0) if shared else x.view(S, -1, K)
+    B = xs.shape[1]
+    y = x.new_empty(S, B, N)
+    for lo, hi in chunks(S, rho.numel()):
+        w = _weights(key, pid, mu, sig, lo, hi, x.dtype)
+        torch.matmul(xs if shared else xs[lo:hi], w.transpose(1, 2), out=y[lo:hi])
+        del w  # before the next chunk's weights are drawn
+    return y.view(S * B, N)
+
+
+def linear_backward(dy: Tensor, x: Tensor, mu: Tensor | None, rho: Tensor, key: NoiseKey,
+                    pid: int, shared: int, needs: tuple[bool, ...]) -> tuple:  # fmt: skip
+    need_x, need_mu, need_rho = needs
+    S = key.num_samples
+    N, K = rho.shape
+    sig = F.softplus(rho)
+    xs = x.unsqueeze(0) if shared else x.view(S, -1, K)
+    dys = dy.view(S, -1, N)
+    dx = None
+    if need_x:
+        dx = x.new_zeros(x.shape) if shared else x.new_empty(S, xs.shape[1], K)
+    g_mu, g_eps = _grad_buffers(rho, need_mu and mu is not None, need_rho)
+    for lo, hi in chunks(S, rho.numel()):
+        dy_c = dys[lo:hi]
+        if need_x:
+            w = _weights(key, pid, mu, sig, lo, hi, dy.dtype)
+            dx_c = torch.matmul(dy_c, w)  # (c, B, K)
+            del w  # free the chunk's weights before the weight gradients are formed
+            if shared:
+                dx += dx_c.sum(0)
+            else:
+                dx[lo:hi] = dx_c
+        if g_mu is not None or g_eps is not None:
+            g_w = torch.matmul(dy_c.transpose(1, 2), xs if shared else xs[lo:hi])
+            _param_grads(g_w.to(rho.dtype), key, pid, lo, hi, g_mu, g_eps)
+            del g_w
+    if dx is not None and not shared:
+        dx = dx.view(x.shape)
+    return dx, g_mu, _finish_rho(g_eps, rho)
+
+
+# --- N-d convolution ----------------------------------------------------------------------
+
+
+def _geometry(rho: Tensor, geometry: tuple[int, ...]):
+    nd = rho.dim() - 2
+    return geometry[:nd], geometry[nd : 2 * nd], geometry[2 * nd :]
+
+
+def _conv_weight(w: Tensor, groups: int, shared: int) -> tuple[Tensor, int]:
+    """A chunk's weights ``(c, O, C/g, *k)`` as one convolution's weight and groups.
+    Folded input: samples are groups, output channels ``(c, O)``. Shared input: the
+    chunk's weights stacked inside each of the ``g`` groups, output channels
+    ``(g, c, O/g)``."""
+    c = w.shape[0]
+    if not shared:
+        return w.flatten(0, 1), c * groups
+    return w.unflatten(1, (groups, -1)).transpose(0, 1).flatten(0, 2), groups
+
+
+def _conv_weight_grad(gw: Tensor, c: int, groups: int, shared: int) -> Tensor:
+    """Inverse of :func:`_conv_weight`: ``(c, O, C/g, *k)``."""
+    if not shared:
+        return gw.unflatten(0, (c, -1))
+    return gw.unflatten(0, (groups, c, -1)).transpose(0, 1).flatten(1, 2)
+
+
+def _to_groups(t: Tensor, c: int, groups: int, shared: int) -> Tensor:
+    """Per-sample activations ``(c, B, ch, *sp)`` in the channel order of the grouped
+    convolution: ``(B, c*ch, *sp)``, or ``(B, g*c*ch/g, *sp)`` for the shared layout."""
+    if not shared:
+        return t.transpose(0, 1).flatten(1, 2)
+    t = t.unflatten(2, (groups, -1))  # (c, B, g, ch/g, *sp)
+    return t.permute(1, 2, 0, *range(3, t.dim())).flatten(1, 3)
+
+
+def _from_groups(t: Tensor, c: int, groups: int, shared: int) -> Tensor:
+    """Inverse of :func:`_to_groups`: ``(B, c*ch, *sp)`` -> ``(c, B, ch, *sp)``."""
+    if not shared:
+        return t.unflatten(1, (c, -1)).transpose(0, 1)
+    t = t.unflatten(1, (groups, c, -1))  # (B, g, c, ch/g, *sp)
+    return t.permute(2, 0, 1, *range(3, t.dim())).flatten(2, 3)
+
+
+def conv_forward(x: Tensor, mu: Tensor | None, rho: Tensor, key: NoiseKey, pid: int,
+                 shared: int, groups: int, *geometry: int) -> Tensor:  # fmt: skip
+    """x ``(S*B, C, *sp)`` or shared ``(B, C, *sp)`` -> ``(S*B, O, *sp_out)``, contiguous."""
+    stride, padding, dilation = _geometry(rho, geometry)
+    S = key.num_samples
+    conv = _CONV[rho.dim() - 2]
+    sig = F.softplus(rho)
+    xs = None if shared else x.unflatten(0, (S, -1))
+    outs = []
+    for lo, hi in chunks(S, rho.numel()):
+        c = hi - lo
+        w, g = _conv_weight(_weights(key, pid, mu, sig, lo, hi, x.dtype), groups, shared)
+        x_c = x if shared else _to_groups(xs[lo:hi], c, groups, shared)
+        y = conv(x_c, w, None, stride, padding, dilation, g)
+        outs.append(_from_groups(y, c, groups, shared).flatten(0, 1))
+    # contiguous whatever the input's memory format: the fake promises that layout
+    return torch.cat(outs, 0) if len(outs) > 1 else outs[0].contiguous()
+
+
+def conv_backward(dy: Tensor, x: Tensor, mu: Tensor | None, rho: Tensor, key: NoiseKey,
+                  pid: int, shared: int, groups: int, *rest) -> tuple:  # fmt: skip
+    """``rest``: the geometry of :func:`conv_forward`, then ``needs``."""
+    *geometry, needs = rest
+    stride, padding, dilation = _geometry(rho, tuple(geometry))
+    need_x, need_mu, need_rho = needs
+    S = key.num_samples
+    nd = rho.dim() - 2
+    sig = F.softplus(rho)
+    xs = None if shared else x.unflatten(0, (S, -1))
+    dys = dy.unflatten(0, (S, -1))
+    dx = None
+    if need_x:
+        dx = x.new_zeros(x.shape) if shared else x.new_empty(x.shape).unflatten(0, (S, -1))
+    g_mu, g_eps = _grad_buffers(rho, need_mu and mu is not None, need_rho)
+    need_w = g_mu is not None or g_eps is not None
+    for lo, hi in chunks(S, rho.numel()):
+        c = hi - lo
+        w, g = _conv_weight(_weights(key, pid, mu, sig, lo, hi, x.dtype), groups, shared)
+        x_c = x if shared else _to_groups(xs[lo:hi], c, groups, shared)
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            _to_groups(dys[lo:hi], c, groups, shared), x_c, w, None,
+            list(stride), list(padding), list(dilation), False, [0] * nd, g,
+            [need_x, need_w, False],
+        )  # fmt: skip
+        if need_x:
+            if shared:
+                dx += gx
+            else:
+                dx[lo:hi] = _from_groups(gx, c, groups, shared)
+        if need_w:
+            g_w = _conv_weight_grad(gw.to(rho.dtype), c, groups, shared)
+            _param_grads(g_w, key, pid, lo, hi, g_mu, g_eps)
+    if dx is not None and not shared:
+        dx = dx.flatten(0, 1)
+    return dx, g_mu, _finish_rho(g_eps, rho)

@@ -10,7 +10,7 @@ import subprocess
 import torch
 
 import spar
-from spar.ops.dispatch import available_backends
+from spar.ops import available_backends
 from spar.telemetry import nvml_devices
 
 
@@ -34,7 +34,12 @@ def _nvcc() -> str | None:
 
 
 def collect() -> dict:
-    """Everything ``spar info`` prints, as a dict (also used by the benchmarks' CSV rows)."""
+    """Everything ``spar info`` prints, as a dict.
+
+    Backends come from :func:`spar.ops.available_backends`, the public entry point of the
+    op layer (a name -> ``None`` if it loads, else the reason it does not); this module
+    imports nothing else of :mod:`spar.ops`.
+    """
     devices, why_none = nvml_devices()
     return {
         "spar": spar.__version__,

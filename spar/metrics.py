@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spar.losses import (
-    _categorical_ll,
-    _check_class_target,
-    _check_noise_std,
-    _check_real_target,
-    _check_sampled,
-    _gaussian_ll,
-    _tracing,
+from spar._prob import (
+    categorical_ll,
+    check_class_target,
+    check_noise_std,
+    check_real_target,
+    check_sampled,
+    gaussian_ll,
+    tracing,
 )
 
 __all__ = [
@@ -63,11 +63,11 @@ _CRPS_CHUNK_ELEMENTS = 1 << 22
 
 
 def _logits(logits: Any) -> Tensor:
-    return _check_sampled(logits, "logits", "C")
+    return check_sampled(logits, "logits", "C")
 
 
 def _labels(logits: Tensor, target: Any) -> Tensor:
-    return _check_class_target(target, logits.shape[1], logits.shape[2])
+    return check_class_target(target, logits.shape[1], logits.shape[2])
 
 
 def _log_predictive(logits: Tensor) -> Tensor:
@@ -163,7 +163,7 @@ def nll(logits: Tensor, target: Tensor) -> Tensor:
         0-dim tensor, in nats.
     """
     logits = _logits(logits)
-    ll = _categorical_ll(logits, _labels(logits, target))  # (S, B)
+    ll = categorical_ll(logits, _labels(logits, target))  # (S, B)
     return -(torch.logsumexp(ll, dim=0) - math.log(ll.shape[0])).mean()
 
 
@@ -326,8 +326,8 @@ def ood_auroc(scores_in: Tensor, scores_out: Tensor) -> float:
 
 
 def _means(means: Any, target: Any) -> tuple[Tensor, Tensor]:
-    means = _check_sampled(means, "means", "D")
-    target = _check_real_target(target, means.shape[1], means.shape[2], means.dtype)
+    means = check_sampled(means, "means", "D")
+    target = check_real_target(target, means.shape[1], means.shape[2], means.dtype)
     return means, target
 
 
@@ -352,8 +352,8 @@ def gaussian_nll(means: Tensor, target: Tensor, noise_std: float | Tensor) -> Te
         0-dim tensor.
     """
     means, target = _means(means, target)
-    sigma = _check_noise_std(noise_std, means)
-    ll = _gaussian_ll(means, target, sigma)  # (S, B)
+    sigma = check_noise_std(noise_std, means)
+    ll = gaussian_ll(means, target, sigma)  # (S, B)
     per_example = torch.logsumexp(ll, dim=0) - math.log(ll.shape[0])
     return -per_example.mean() / means.shape[2]
 
@@ -433,8 +433,8 @@ def crps(means: Tensor, target: Tensor, noise_std: float | Tensor = 0.0) -> Tens
     means, target = _means(means, target)
     if isinstance(noise_std, Real) and not isinstance(noise_std, bool) and noise_std == 0:
         return _crps_ensemble(means, target).mean()
-    sigma = _check_noise_std(noise_std, means, allow_zero=True)
-    if not _tracing() and not bool((sigma != 0).any()):
+    sigma = check_noise_std(noise_std, means, allow_zero=True)
+    if not tracing() and not bool((sigma != 0).any()):
         return _crps_ensemble(means, target).mean()
     var = sigma.square().expand_as(means)
     return _crps_mixture(means, var, target).mean()

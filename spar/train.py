@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -65,9 +66,9 @@ class TrainConfig:
 
     def grid_axes(self) -> tuple[int, int]:
         """``(sample, data)`` axis sizes for this config's mode and process count."""
-        n = 1 if self.mode == "local" else self.nproc
         if self.mode == "local":
             return 1, 1
+        n = self.nproc
         if self.mode == "sp":
             return n, 1
         if self.mode == "ddp":
@@ -120,14 +121,6 @@ class TrainConfig:
             raise ValueError(
                 f"--batch-size {self.batch_size} (global) is not divisible by the data axis ({b})"
             )
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
-        return cls(**values)
 
 
 # ----------------------------------------------------------------------------- data
@@ -310,6 +303,50 @@ def _plots(out: Path, report: dict) -> list[str]:
     return ["reliability.png", "uncertainty.png"]
 
 
+def epoch_timing(epoch_times: list[float], first_epoch_steps: list[float]) -> dict:
+    """Time per epoch without the warm-up of the first step.
+
+    The first step of a process pays one-off costs that say nothing about the speed of
+    training: compiling the noise generator (``torch.compile``, seconds on a CPU), the
+    allocator's first growth, the first collectives' connection set-up. The reported
+    ``seconds_per_epoch`` therefore leaves them out:
+
+    - the median wall time of the epochs after the first one this process ran, when there
+      are any (the median also shrugs off an epoch slowed by other jobs on the machine);
+    - with a single epoch, that epoch with its first step replaced by the mean of its
+      other steps;
+    - with a single epoch of a single step, that step as measured (warm-up included).
+
+    ``timing`` says in words which rule applied.
+
+    Args:
+        epoch_times: wall seconds of the steps of each epoch run (checkpointing excluded).
+        first_epoch_steps: wall seconds of each step of the first epoch run.
+
+    Returns:
+        ``{"seconds_per_epoch", "seconds_first_epoch", "timing"}``; the times are ``None``
+        when no epoch ran (a resume of a finished run).
+    """
+    if not epoch_times:
+        return {"seconds_per_epoch": None, "seconds_first_epoch": None, "timing": "no epoch ran"}
+    first = epoch_times[0]
+    if len(epoch_times) > 1:
+        value = statistics.median(epoch_times[1:])
+        how = f"median of the {len(epoch_times) - 1} epochs after the first"
+    elif len(first_epoch_steps) > 1:
+        rest = first_epoch_steps[1:]
+        value = first - first_epoch_steps[0] + sum(rest) / len(rest)
+        how = "the only epoch, its first step replaced by the mean of the others"
+    else:
+        value = first
+        how = "the only step, warm-up included"
+    return {"seconds_per_epoch": value, "seconds_first_epoch": first, "timing": how}
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} s"
+
+
 def _table(report: dict) -> str:
     rows = [
         ("test accuracy", f"{report['accuracy']:.4f}"),
@@ -318,7 +355,8 @@ def _table(report: dict) -> str:
         ("test Brier", f"{report['brier']:.4f}"),
         ("OOD AUROC (mutual information)", f"{report['ood_auroc_mutual_information']:.4f}"),
         ("OOD AUROC (predictive entropy)", f"{report['ood_auroc_predictive_entropy']:.4f}"),
-        ("time per epoch", f"{report['seconds_per_epoch']:.2f} s"),
+        ("time per epoch (excl. warm-up)", _seconds(report["seconds_per_epoch"])),
+        ("first epoch (incl. warm-up)", _seconds(report["seconds_first_epoch"])),
     ]
     rows += [
         (f"peak memory rank {r}", f"{mb:.0f} MiB") for r, mb in enumerate(report["peak_memory_mib"])
@@ -356,7 +394,8 @@ def run(cfg: TrainConfig) -> dict | None:
         sampler = GridSampler(x_tr, grid, shuffle=True, seed=cfg.seed, batch_size=local_batch)
         n_train = len(x_tr)
         progress = Progress(cfg.progress and rank == 0)
-        epoch_times = []
+        epoch_times: list[float] = []  # wall time of each epoch's steps (no checkpointing)
+        step_times: list[float] = []  # of the first epoch this process runs
         with Telemetry(gpu_index=grid.device.index if grid.device.type == "cuda" else None) as tel:
             for epoch in range(start_epoch, cfg.epochs):
                 sp.train()
@@ -367,6 +406,7 @@ def run(cfg: TrainConfig) -> dict | None:
                 seen = correct = 0
                 loss_sum = 0.0
                 for i, idx in enumerate(batches):
+                    t_step = time.perf_counter()
                     x = augment(x_tr[idx], sp.augment_generator).to(grid.device)
                     y = y_tr[idx].to(grid.device)
                     outputs = sp(x)  # (S_local, B_local, classes)
@@ -386,6 +426,8 @@ def run(cfg: TrainConfig) -> dict | None:
                         )
                     loss_sum += loss_value * len(idx)
                     correct += int((outputs.softmax(-1).mean(0).argmax(-1) == y).sum())
+                    if not epoch_times:
+                        step_times.append(time.perf_counter() - t_step)
                     rate = seen * grid.data / (time.perf_counter() - t0)
                     stats = {"loss": loss_sum / seen, "acc": correct / seen, "rate": rate}
                     progress.update(epoch + 1, cfg.epochs, i + 1, len(batches), stats)
@@ -397,7 +439,7 @@ def run(cfg: TrainConfig) -> dict | None:
         peaks = _all_gather_object(tel.summary().peak_gpu_memory or tel.summary().peak_rss)
         if rank != 0:
             return None
-        report["seconds_per_epoch"] = sum(epoch_times) / max(1, len(epoch_times))
+        report.update(epoch_timing(epoch_times, step_times))
         report["peak_memory_mib"] = [p / 2**20 for p in peaks]
         report["epochs_run"] = len(epoch_times)
         report["grid"] = {"sample": grid.sample, "data": grid.data, "mode": grid.mode}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from spar.checkpoint import load_checkpoint
+from spar.train import epoch_timing
 
 
 def _spar(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -38,6 +39,10 @@ def test_train_two_processes_writes_everything(tmp_path):
     assert len(report["peak_memory_mib"]) == 2
     assert 0.0 <= report["accuracy"] <= 1.0
     assert "OOD AUROC (mutual information)" in r.stdout
+    # one epoch: its first step (warm-up) is replaced by the mean of the others
+    assert "time per epoch (excl. warm-up)" in r.stdout
+    assert report["timing"].startswith("the only epoch")
+    assert report["seconds_per_epoch"] > 0 and report["seconds_first_epoch"] > 0
 
 
 @pytest.mark.slow
@@ -102,6 +107,20 @@ def test_config_file(tmp_path):
     cfg.write_text("sampels = 4\n")
     r = _spar("train", "--config", str(cfg), timeout=60)
     assert r.returncode == 2 and "unknown keys sampels" in r.stderr
+
+
+def test_epoch_timing_leaves_out_warm_up():
+    # several epochs: the median of the epochs after the first
+    t = epoch_timing([9.0, 1.0, 3.0, 2.0], [8.0, 0.5])
+    assert t["seconds_per_epoch"] == 2.0 and t["seconds_first_epoch"] == 9.0
+    assert t["timing"] == "median of the 3 epochs after the first"
+    # one epoch: its slow first step counts as the mean of the other steps
+    t = epoch_timing([7.0], [5.0, 1.0, 1.0])
+    assert t["seconds_per_epoch"] == 3.0 and t["seconds_first_epoch"] == 7.0
+    # one step: nothing to leave out, and it says so
+    assert epoch_timing([4.0], [4.0])["timing"] == "the only step, warm-up included"
+    # a resume of a finished run trains no epoch
+    assert epoch_timing([], [])["seconds_per_epoch"] is None
 
 
 def test_info_runs():

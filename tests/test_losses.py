@@ -306,3 +306,36 @@ def test_noise_std_validated(noise_std):
     means, y = _reg(2, 4, 3, seed=42)
     with pytest.raises(ValueError, match="noise_std"):
         losses.elbo(means, y, kl=0.0, dataset_size=1, likelihood="gaussian", noise_std=noise_std)
+
+
+def _spar_imports(path) -> set[str]:
+    """The spar modules (and ``module.name`` for ``from spar.x import name``) a file imports."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "spar"}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "spar":
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+@pytest.mark.parametrize("module", [losses, metrics])
+def test_losses_and_metrics_depend_only_on_leaf_modules(module):
+    """Layering: losses and metrics import neither spar.nn nor spar.distributed (not even
+    lazily), nor each other's private names; only the private leaf modules."""
+    from pathlib import Path
+
+    imports = _spar_imports(Path(module.__file__))
+    allowed = ("spar._prob.", "spar._collectives.")
+    assert imports and all(name.startswith(allowed) for name in imports), imports
+
+
+def test_mixture_gather_is_the_public_collective():
+    """The all-gather the mixture loss uses is the one spar.distributed exports."""
+    import spar
+    from spar import _collectives
+
+    assert losses.all_gather_samples is _collectives.all_gather_samples
+    assert spar.distributed.all_gather_samples is _collectives.all_gather_samples

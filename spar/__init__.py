@@ -1,7 +1,7 @@
 """spar: fast, memory-lean Bayesian deep learning on GPUs and clusters.
 
 Fused sampling kernels, sampling parallelism over ``torch.distributed`` and drop-in
-Bayesian layers; see README.md and DESIGN.md.
+Bayesian layers; see README.md and docs/design.md.
 """
 
 from spar import data, distributed, losses, metrics, nn

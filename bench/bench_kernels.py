@@ -3,9 +3,11 @@
 Times forward, backward and the full step of ``y[s] = x[s] @ W_s^T + b_s`` with
 ``W_s = mu + softplus(rho) * eps_s`` for each provider, and its peak extra memory:
 
-``spar_fused``      spar's Triton kernels, noise generated inside the GEMMs (CUDA only)
-``spar_chunked``    spar's sampling kernel into a bounded workspace + cuBLAS bmm (CUDA only)
-``spar_torch``      spar's torch backend (chunked, memory-lean autograd; any device)
+``spar_fused``      ``spar.ops.bayes_linear`` on the Triton backend, fused path: noise
+                    generated inside the GEMMs (CUDA only)
+``spar_chunked``    the same, chunked path: the sampling kernel into a bounded workspace +
+                    cuBLAS bmm (CUDA only)
+``spar_torch``      the same on the torch backend (chunked, memory-lean autograd; any device)
 ``bmm``             torch bmm on pre-sampled weights (no noise at all): the baseline, the
                     ``ratio_to_bmm`` column divides by its time in the same run
 ``torch_ref``       materialize ``W_s`` (``torch.randn`` noise) and matmul: spar.ops.reference
@@ -14,19 +16,32 @@ Times forward, backward and the full step of ``y[s] = x[s] @ W_s^T + b_s`` with
 ``bayesian_torch``  ``bayesian_torch`` ``LinearReparameterization``, a Python loop over
                     samples (one sample per call)
 
+The spar providers call the public op (``estimator="reparam"``) with the backend and path
+chosen the way a user chooses them, by ``SPAR_BACKEND`` and ``SPAR_LINEAR_PATH``, set for
+all of the provider's calls, backward included (spar reads them per call); the
+``spar_backend`` column records the backend that ran ``sampled_linear``. Other ``SPAR_*``
+variables (``SPAR_CHUNK_NUMEL``) are left as the caller set them.
+
 Peers keep their parameters in the benchmark dtype (``module.to(dtype)``); spar keeps
-``mu``/``rho`` in fp32 and takes x in the benchmark dtype. Peak extra memory (CUDA only:
-torch's caching allocator) is the peak during the measured call minus what was allocated
-before it (parameters, inputs, ``dy`` and, for ``bwd``, the forward graph); gradients are
-returned by ``torch.autograd.grad``, so they count. ``workspace_mb`` subtracts from it what
-the call returns and, for ``full``, the layer output ``y``: the memory an implementation
-needs beyond its own results. ``weight_mb`` is the size of the layer's variational
-parameters, ``mu`` and ``rho`` in fp32 (``2 * N * K * 4`` bytes); ``mem_ratio`` and
-``workspace_ratio`` are the two memory figures in units of it.
+``mu``/``rho`` in fp32 and takes x in the benchmark dtype. Peak extra memory is the peak
+during the measured call minus what was allocated before it (parameters, inputs, ``dy``
+and, for ``bwd``, the forward graph): on CUDA from torch's caching allocator, on CPU from
+the allocation events of ``torch.profiler`` (``common.cpu_tensor_peak_bytes``). Gradients
+are returned by ``torch.autograd.grad``, so they count. ``workspace_mb`` subtracts from it
+what the call returns and, for ``full``, the layer output ``y``: the memory an
+implementation needs beyond its own results. ``weight_mb`` is the size of the layer's
+variational parameters, ``mu`` and ``rho`` in fp32 (``2 * N * K * 4`` bytes);
+``mem_ratio`` and ``workspace_ratio`` are the two memory figures in units of it. On CUDA,
+``nvml_peak_mb`` and ``gpu_util`` (``spar.telemetry``, where NVML is present) see what the
+allocator does not: the context, cuBLAS workspaces.
 
 Timing: ``triton.testing.do_bench`` on CUDA (L2 flushed, median and 20/80 % quantiles),
-``torch.utils.benchmark`` on CPU. Rows are appended to a CSV with the device, versions and
-date; the PNG is drawn from the CSV (``--plot-only`` redraws it).
+``torch.utils.benchmark`` on CPU, after waiting (``--max-wait`` seconds at most) for the
+other processes to leave the CPUs; ``others_cpu`` is the share of the machine's CPUs they
+used while a CPU measurement ran (a noisy row has a high one). Rows carry the environment
+columns of every ``bench/`` script (``common.env_info``; rows of one run share ``date``)
+and are appended to the CSV (``common.append_rows``); the PNG is drawn from the CSV's
+latest run (``--plot-only`` redraws it).
 
 Examples::
 
@@ -39,24 +54,22 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
-import importlib.metadata
 import math
 import os
-import platform
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "bench"))  # bench/ is not a package
 
-from spar.ops import reference  # noqa: E402
-from spar.ops.linear import linear_torch  # noqa: E402
+import common  # noqa: E402
+
+from spar.ops import BackendUnavailable, backend_for, bayes_linear, reference  # noqa: E402
 from spar.rng import NoiseKey, param_id  # noqa: E402
 from spar.telemetry import Telemetry  # noqa: E402
 
@@ -64,16 +77,17 @@ PROVIDERS = (
     "spar_fused", "spar_chunked", "spar_torch", "bmm", "torch_ref", "torch_blue",
     "bayesian_torch",
 )  # fmt: skip
+# the environment each spar provider runs under (None: unset, spar's default)
+SPAR_ENV: dict[str, dict[str, str | None]] = {
+    "spar_fused": {"SPAR_BACKEND": "triton", "SPAR_LINEAR_PATH": "fused"},
+    "spar_chunked": {"SPAR_BACKEND": "triton", "SPAR_LINEAR_PATH": "chunked"},
+    "spar_torch": {"SPAR_BACKEND": "torch", "SPAR_LINEAR_PATH": None},
+}
+PEERS = {"triton": "triton", "torch_blue": "torch-blue", "bayesian_torch": "bayesian-torch"}
 MODES = ("fwd", "bwd", "full")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FIELDS = (
-    "run_id", "date", "device", "device_name", "torch", "triton", "spar", "torch_blue",
-    "bayesian_torch", "python", "threads", "provider", "mode", "S", "B", "N", "K", "dtype",
-    "shared", "ms_median", "ms_q20", "ms_q80", "tflops", "peak_extra_mb", "workspace_mb",
-    "weight_mb", "mem_ratio", "workspace_ratio", "ratio_to_bmm", "nvml_peak_mb",
-    "gpu_util", "note",
-)  # fmt: skip
 WID, BID = param_id("bench.weight"), param_id("bench.bias")
+MB = 2**20
 
 
 class Skip(Exception):
@@ -98,11 +112,13 @@ class Config:
 @dataclass
 class Case:
     """One provider set up on one config: ``forward()`` runs the layer over all samples,
-    ``leaves`` are what the backward differentiates."""
+    ``leaves`` are what the backward differentiates; every call runs under ``env``."""
 
     forward: Callable[[], torch.Tensor]
     leaves: list[torch.Tensor]
     note: str = ""
+    env: Mapping[str, str | None] = field(default_factory=dict)
+    backend: str = ""
 
 
 def _params(cfg: Config, dtype: torch.dtype = torch.float32):
@@ -118,27 +134,22 @@ def _params(cfg: Config, dtype: torch.dtype = torch.float32):
     return x, mu, rho, bmu, brho
 
 
-def _key(cfg: Config) -> NoiseKey:
-    return NoiseKey(seed=0, step=1, first_sample=0, num_samples=cfg.S)
-
-
-def _spar(cfg: Config, path: str | None) -> Case:
-    x, mu, rho, bmu, brho = _params(cfg)
-    key = _key(cfg)
-    if path is None:
-        fwd = lambda: linear_torch(  # noqa: E731
-            x, mu, rho, bmu, brho, key, weight_id=WID, bias_id=BID, shared_input=cfg.shared
-        )
-        return Case(fwd, [x, mu, rho, bmu, brho])
-    if cfg.device.type != "cuda":
+def _spar(cfg: Config, provider: str) -> Case:
+    env = SPAR_ENV[provider]
+    if env["SPAR_BACKEND"] == "triton" and cfg.device.type != "cuda":
         raise Skip("needs CUDA (the Triton interpreter is a correctness tool, not a benchmark)")
-    from spar.ops.linear_triton import bayes_linear_reparam
-
-    fwd = lambda: bayes_linear_reparam(  # noqa: E731
-        x, mu, rho, bmu, brho, key, weight_id=WID, bias_id=BID, shared_input=cfg.shared,
-        path=path,
+    with common.environ(env):
+        try:
+            backend = backend_for("sampled_linear", cfg.device)
+        except BackendUnavailable as e:
+            raise Skip(str(e)) from e
+    x, mu, rho, bmu, brho = _params(cfg)
+    key = NoiseKey(seed=0, step=1, first_sample=0, num_samples=cfg.S)
+    fwd = lambda: bayes_linear(  # noqa: E731
+        x, mu, rho, bmu, brho, key, weight_id=WID, bias_id=BID, estimator="reparam",
+        shared_input=cfg.shared,
     )  # fmt: skip
-    return Case(fwd, [x, mu, rho, bmu, brho])
+    return Case(fwd, [x, mu, rho, bmu, brho], env=env, backend=backend)
 
 
 def _bmm(cfg: Config) -> Case:
@@ -206,12 +217,8 @@ def _bayesian_torch(cfg: Config) -> Case:
 
 
 def make_case(provider: str, cfg: Config) -> Case:
-    if provider == "spar_fused":
-        return _spar(cfg, "fused")
-    if provider == "spar_chunked":
-        return _spar(cfg, "chunked")
-    if provider == "spar_torch":
-        return _spar(cfg, None)
+    if provider in SPAR_ENV:
+        return _spar(cfg, provider)
     if provider == "bmm":
         return _bmm(cfg)
     if provider == "torch_ref":
@@ -263,17 +270,19 @@ def _nbytes(out: object) -> int:
 
 def peak_extra_mb(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
     """(peak extra MB during one call, the part of it that is not the call's result)."""
-    if device.type != "cuda":
-        return math.nan, math.nan  # no allocator statistics on CPU
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    out = fn()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    results = _nbytes(out)
-    del out
-    return peak / 2**20, (peak - results) / 2**20
+    out = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out.append(fn())
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    elif device.type == "cpu":
+        peak = common.cpu_tensor_peak_bytes(lambda: out.append(fn()))
+    else:
+        return math.nan, math.nan
+    return peak / MB, (peak - _nbytes(out)) / MB
 
 
 def flops(cfg: Config, mode: str) -> float:
@@ -282,111 +291,88 @@ def flops(cfg: Config, mode: str) -> float:
     return {"fwd": f, "bwd": 2 * f, "full": 3 * f}[mode]
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return ""
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None or math.isnan(value) else format(value, spec)
 
 
-def environment(device: torch.device) -> dict[str, str]:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
+def measure(case: Case, cfg: Config, mode: str, max_wait: float) -> dict[str, str]:
+    """One provider's columns for one mode: times, memory, others' CPU share or NVML."""
+    fn = step_fn(case, mode)
+    others = nvml_mb = util = None
+    if cfg.device.type == "cuda":
+        # NVML sees what the allocator does not: context, cuBLAS workspaces
+        with Telemetry(interval=0.05, gpu_index=cfg.device.index or 0) as tel:
+            med, q20, q80 = time_ms(fn, cfg.device)
+        nvml = tel.summary()
+        nvml_mb = None if nvml.peak_gpu_memory is None else nvml.peak_gpu_memory / MB
+        util = nvml.mean_gpu_util
+    else:  # no telemetry thread competing with the measured call for the CPUs
+        common.wait_for_quiet(0.1, timeout=max_wait)
+        with common.others_cpu() as share:
+            med, q20, q80 = time_ms(fn, cfg.device)
+        others = share()
+    mem, work = peak_extra_mb(fn, cfg.device)
+    if mode == "full":  # y (S*B, N) lives until the backward returns
+        work -= cfg.S * cfg.B * cfg.N * torch.finfo(cfg.dtype).bits / 8 / MB
+    weight_mb = 2 * cfg.N * cfg.K * 4 / MB
     return {
-        "device": device.type, "device_name": name, "torch": torch.__version__,
-        "triton": _version("triton"), "spar": _version("spar"),
-        "torch_blue": _version("torch-blue"), "bayesian_torch": _version("bayesian-torch"),
-        "python": platform.python_version(), "threads": str(torch.get_num_threads()),
+        "ms_median": f"{med:.4f}", "ms_q20": f"{q20:.4f}", "ms_q80": f"{q80:.4f}",
+        "tflops": f"{flops(cfg, mode) / (med * 1e-3) / 1e12:.4f}",
+        "others_cpu": _fmt(others, ".2f"),
+        "peak_extra_mb": _fmt(mem, ".2f"), "workspace_mb": _fmt(work, ".2f"),
+        "weight_mb": f"{weight_mb:.2f}",
+        "mem_ratio": _fmt(mem / weight_mb, ".3f"),
+        "workspace_ratio": _fmt(work / weight_mb, ".3f"),
+        "ratio_to_bmm": "",  # filled in once the config's bmm rows are measured
+        "nvml_peak_mb": _fmt(nvml_mb, ".1f"), "gpu_util": _fmt(util, ".1f"),
     }  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    env = environment(device)
-    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    env = common.env_info(PEERS)
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
     rows = []
     for S in args.samples:
         for B in args.batch:
             cfg = Config(S, B, args.features[0], args.features[1], dtype, args.shared, device)
-            weight_mb = 2 * cfg.N * cfg.K * 4 / 2**20
-            bmm_ms: dict[str, float] = {}
+            config_rows = []
             for provider in args.providers:
                 try:
                     case = make_case(provider, cfg)
                 except Skip as e:
                     print(f"skip {provider}: {e}", file=sys.stderr)
                     continue
-                for mode in args.modes:
-                    fn = step_fn(case, mode)
-                    # NVML sees what the allocator does not: context, cuBLAS workspaces
-                    gpu = (device.index or 0) if device.type == "cuda" else None
-                    with Telemetry(interval=0.05, gpu_index=gpu) as tel:
-                        med, q20, q80 = time_ms(fn, device)
-                    nvml = tel.summary()
-                    mem, work = peak_extra_mb(fn, device)
-                    if mode == "full":  # y (S*B, N) lives until the backward returns
-                        work -= cfg.S * cfg.B * cfg.N * torch.finfo(dtype).bits / 8 / 2**20
-                    del fn
-                    if provider == "bmm":
-                        bmm_ms[mode] = med
-                    row = {
-                        **env, "run_id": run_id,
-                        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                        "provider": provider, "mode": mode, "S": S, "B": B, "N": cfg.N,
-                        "K": cfg.K, "dtype": args.dtype, "shared": int(args.shared),
-                        "ms_median": f"{med:.4f}", "ms_q20": f"{q20:.4f}",
-                        "ms_q80": f"{q80:.4f}",
-                        "tflops": f"{flops(cfg, mode) / (med * 1e-3) / 1e12:.4f}",
-                        "peak_extra_mb": "" if math.isnan(mem) else f"{mem:.2f}",
-                        "workspace_mb": "" if math.isnan(work) else f"{work:.2f}",
-                        "weight_mb": f"{weight_mb:.2f}",
-                        "mem_ratio": "" if math.isnan(mem) else f"{mem / weight_mb:.3f}",
-                        "workspace_ratio": "" if math.isnan(work) else f"{work / weight_mb:.3f}",
-                        "ratio_to_bmm": "", "note": case.note,
-                        "nvml_peak_mb": "" if nvml.peak_gpu_memory is None
-                        else f"{nvml.peak_gpu_memory / 2**20:.1f}",
-                        "gpu_util": "" if nvml.mean_gpu_util is None
-                        else f"{nvml.mean_gpu_util:.1f}",
-                    }  # fmt: skip
-                    rows.append(row)
-                    print(
-                        f"{provider:>15} {mode:>4} S={S} B={B} {cfg.N}x{cfg.K} {args.dtype}: "
-                        f"{med:9.3f} ms  {row['tflops']} TFLOP/s  extra {row['peak_extra_mb']} MB",
-                        flush=True,
-                    )
+                with common.environ(case.env):  # spar reads it per call, backward included
+                    for mode in args.modes:
+                        row = {
+                            **env, "device": device.type, "spar_backend": case.backend,
+                            "provider": provider, "mode": mode, "S": S, "B": B, "N": cfg.N,
+                            "K": cfg.K, "dtype": args.dtype, "shared": int(args.shared),
+                            **measure(case, cfg, mode, args.max_wait),
+                            "note": case.note,
+                        }  # fmt: skip
+                        config_rows.append(row)
+                        print(
+                            f"{provider:>15} {mode:>4} S={S} B={B} {cfg.N}x{cfg.K} "
+                            f"{args.dtype}: {float(row['ms_median']):9.3f} ms  "
+                            f"{row['tflops']} TFLOP/s  extra {row['peak_extra_mb']} MB  "
+                            f"others {row['others_cpu']}",
+                            flush=True,
+                        )
                 del case
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            for row in rows:
-                same = row["run_id"] == run_id and row["S"] == S and row["B"] == B
-                if same and row["mode"] in bmm_ms:
+            bmm_ms = {
+                r["mode"]: float(r["ms_median"]) for r in config_rows if r["provider"] == "bmm"
+            }
+            for row in config_rows:
+                if row["mode"] in bmm_ms:
                     row["ratio_to_bmm"] = f"{float(row['ms_median']) / bmm_ms[row['mode']]:.3f}"
+            rows += config_rows
     return rows
-
-
-def write_csv(rows: list[dict], path: Path, overwrite: bool) -> None:
-    """Append ``rows``; a file written with older columns is rewritten with the current
-    ones (old rows keep their values, new columns stay empty)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old: list[dict] = []
-    if path.exists() and not overwrite:
-        with path.open(newline="") as f:
-            old = list(csv.DictReader(f))
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        for row in [*old, *rows]:
-            w.writerow({k: row.get(k, "") for k in FIELDS})
 
 
 def plot(csv_path: Path, png_path: Path) -> None:
@@ -397,12 +383,11 @@ def plot(csv_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with csv_path.open() as f:
-        rows = list(csv.DictReader(f))
+    rows = common.read_rows(csv_path)
     if not rows:
         return
-    last = max(r["run_id"] for r in rows)
-    rows = [r for r in rows if r["run_id"] == last]
+    last = max(r["date"] for r in rows)
+    rows = [r for r in rows if r["date"] == last]
     configs = sorted({(int(r["S"]), int(r["B"]), int(r["N"]), int(r["K"])) for r in rows})
     providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
     has_mem = any(r["mem_ratio"] for r in rows)
@@ -439,9 +424,10 @@ def plot(csv_path: Path, png_path: Path) -> None:
                                   fontsize=8)  # fmt: skip
             axes[1][j].axhline(2.0, color="k", lw=0.8, ls="--")
     axes[0][0].legend(fontsize=7)
-    dev = rows[0]["device_name"]
-    fig.suptitle(f"{dev}  torch {rows[0]['torch']}  triton {rows[0]['triton']}  {last}",
-                 fontsize=9)  # fmt: skip
+    r0 = rows[0]
+    dev = r0["gpu"] if r0["device"] == "cuda" else r0["cpu"]
+    fig.suptitle(f"{dev}, {r0['threads']} threads  torch {r0['torch']}  triton {r0['triton']}  "
+                 f"spar {r0['spar']} ({r0['spar_src']})  {last}", fontsize=9)  # fmt: skip
     fig.tight_layout()
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=120)
@@ -459,6 +445,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument(
+        "--max-wait", type=float, default=3.0,
+        help="CPU: at most this many seconds waited for a quiet machine before each timing",
+    )  # fmt: skip
     p.add_argument("--csv", type=Path, help="default: bench/results/kernels_<device>.csv")
     p.add_argument("--png", type=Path, help="default: the CSV path with .png")
     p.add_argument("--overwrite", action="store_true", help="start a new CSV")
@@ -471,7 +461,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.features = args.features or ([4096, 4096] if gpu else [256, 256])
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     device_type = torch.device(args.device).type
-    args.csv = args.csv or ROOT / "bench" / "results" / f"kernels_{device_type}.csv"
+    args.csv = args.csv or common.RESULTS_DIR / f"kernels_{device_type}.csv"
     args.png = args.png or args.csv.with_suffix(".png")
     return args
 
@@ -485,7 +475,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--device cuda: no CUDA device is visible")
         os.environ.pop("TRITON_INTERPRET", None)  # a GPU run must compile the kernels
         rows = run(args)
-        write_csv(rows, args.csv, args.overwrite)
+        if args.overwrite:
+            args.csv.unlink(missing_ok=True)
+        common.append_rows(args.csv, rows)
         print(f"wrote {len(rows)} rows to {args.csv}")
     plot(args.csv, args.png)
     print(f"plot: {args.png}")

@@ -1,5 +1,6 @@
 """Helpers shared by the scripts in ``bench/``: environment fields of a result row, CSV
-append/read, CPU timing statistics and CPU peak-memory probes.
+append/read, environment variables set for a block, CPU timing statistics, the load other
+processes put on the machine, and CPU peak-memory probes.
 
 Nothing here knows about a particular benchmark; each script builds its own rows
 (``env_info() | {...}``), appends them with :func:`append_rows` and draws its plot from
@@ -18,7 +19,8 @@ import platform
 import re
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +86,28 @@ def env_info(packages: Mapping[str, str] | None = None) -> dict[str, str]:
     return info
 
 
+def _setenv(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+@contextmanager
+def environ(values: Mapping[str, str | None]) -> Iterator[None]:
+    """Set environment variables for the block (``None``: unset) and restore them after,
+    e.g. ``with environ({"SPAR_BACKEND": "torch"}): ...`` (spar reads its variables when
+    an op runs, so the block must hold the calls, backward included)."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            _setenv(name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            _setenv(name, value)
+
+
 # --------------------------------------------------------------------------- CSV
 
 
@@ -145,6 +169,18 @@ def _others_share(c0: tuple | None, c1: tuple | None) -> float:
         return 0.0
     others = (c1[1] - c0[1]) - (c1[2] - c0[2])
     return min(1.0, max(0.0, others / ((c1[0] - c0[0]) * (os.cpu_count() or 1))))
+
+
+@contextmanager
+def others_cpu() -> Iterator[Callable[[], float]]:
+    """``with others_cpu() as others: ...``; after the block ``others()`` is the share of
+    the machine's CPUs that other processes (or the hypervisor) used during it (0 to 1; 0
+    where unknown), the ``others`` of :class:`Stats` for a block timed some other way."""
+    c0, end = _cpu_counters(), []
+    try:
+        yield lambda: _others_share(c0, end[0] if end else _cpu_counters())
+    finally:
+        end.append(_cpu_counters())
 
 
 def wait_for_quiet(below: float = 0.1, timeout: float = 30.0, probe: float = 0.5) -> float:

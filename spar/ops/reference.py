@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from spar.ops.library import VAR_FLOOR
+
 
 def sigma(rho: Tensor) -> Tensor:
     """``softplus(rho)``, stable for any ``rho`` (torch switches to the identity above 20)."""
@@ -79,7 +81,7 @@ def linear_lrt(
     var = F.linear(
         x * x, sigma(rho).square(), None if bias_rho is None else sigma(bias_rho).square()
     )
-    return mean + torch.sqrt(var.clamp_min(1e-30)) * eps_out
+    return mean + torch.sqrt(var.clamp_min(VAR_FLOOR)) * eps_out
 
 
 def linear_flipout(
@@ -150,7 +152,7 @@ def conv_lrt(
     mean = conv(x, mu, bias_mu, **conv_kwargs)
     var_b = None if bias_rho is None else sigma(bias_rho).square()
     var = conv(x * x, sigma(rho).square(), var_b, **conv_kwargs)
-    return mean + torch.sqrt(var.clamp_min(1e-30)) * eps_out
+    return mean + torch.sqrt(var.clamp_min(VAR_FLOOR)) * eps_out
 
 
 def conv_flipout(

@@ -119,6 +119,14 @@ def interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def elementwise_block() -> tuple[int, int]:
+    """``(BLOCK_R, BLOCK_C)`` of the elementwise noise kernels (weight sampling, per-example
+    noise). GPU: 2 K elements per program keeps the Philox + Box-Muller temporaries in
+    registers (ptxas, sm_90: no spills); the interpreter wants fewer, bigger programs (each
+    one is a Python call)."""
+    return (32, 64) if interpret() else (16, 128)
+
+
 def as_i32(value: int) -> int:
     """A uint32 counter as the signed 32-bit int with the same bits, so that every counter
     argument has the kernel type ``i32`` whatever its value (bitcast back in the kernel)."""

@@ -25,6 +25,7 @@ from torch import Tensor
 from spar.ops.backends.triton._utils import (
     as_i32,
     check_device,
+    elementwise_block,
     interpret,
     normal_tile,
     philox_key,
@@ -121,12 +122,6 @@ def _sign_mul_kernel(
 # ---------------------------------------------------------------------------------------
 
 
-def _block() -> tuple[int, int]:
-    # GPU: 2 K elements per program keeps the Philox temporaries in registers; the
-    # interpreter wants fewer, bigger programs (each one is a Python call)
-    return (32, 64) if interpret() else (16, 128)
-
-
 def _as_2d(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1)
 
@@ -149,7 +144,7 @@ def _launch(kernel, t: Tensor, out_dtype: torch.dtype, key: NoiseKey, noise_id: 
     B, *strides = _sbc(t2, S, shared)
     out = torch.empty((S * B, t2.shape[1]), dtype=out_dtype, device=t.device)
     if out.numel():
-        br, bc = _block()
+        br, bc = elementwise_block()
         R, C = out.shape
         kernel[(triton.cdiv(R, br) * triton.cdiv(C, bc),)](
             t2, *args[:1], out, R, C, B, *strides, *args[1:], out.stride(0), out.stride(1),

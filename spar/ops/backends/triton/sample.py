@@ -21,6 +21,7 @@ from torch import Tensor
 from spar.ops.backends.triton._utils import (
     as_i32,
     check_device,
+    elementwise_block,
     interpret,
     normal_tile,
     philox_key,
@@ -143,12 +144,7 @@ def _block(R: int, C: int, block: tuple[int, int] | None) -> tuple[int, int]:
         if bc % 4 or bc & (bc - 1) or br & (br - 1):
             raise ValueError(f"block must be powers of two with cols % 4 == 0, got {block}")
         return br, bc
-    # GPU: 2 K elements per program keeps the Philox + Box-Muller temporaries in registers
-    # (ptxas, sm_90: 96 registers forward, 126 backward, no spills); the interpreter wants
-    # fewer, bigger programs (each one is a Python call)
-    if interpret():
-        return 32, 64
-    return 16, 128
+    return elementwise_block()
 
 
 def _sample_range(key: NoiseKey, samples: tuple[int, int] | None) -> tuple[int, int]:

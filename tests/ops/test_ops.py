@@ -67,7 +67,7 @@ def test_gradcheck_every_estimator(layer, estimator):
         x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
         params = _params(shape, seed=1)
         assert torch.autograd.gradcheck(
-            lambda *a: _call(layer, a[0], a[1:], estimator, shared), (x, *params)
+            lambda *a, s=shared: _call(layer, a[0], a[1:], estimator, s), (x, *params)
         )
 
 

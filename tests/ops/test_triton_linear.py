@@ -1,34 +1,36 @@
-"""Triton Bayesian linear (fused and chunked paths, lrt, flipout) against the reference with
-injected noise and against the torch backend with the same noise key (I2), the memory
-claim of the fused backward (I4), and the dispatch rule."""
+"""Triton Bayesian linear through the public op (``SPAR_BACKEND=triton``): every estimator
+(reparam on the fused and chunked paths, lrt, flipout) against the reference with injected
+noise and against the torch backend with the same noise key (I2), the sampled_linear
+primitive with partial ``needs``, the sampling kernel's backward, the memory claim of the
+fused backward (I4), and the fused/chunked dispatch rule."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
 from spar import rng  # noqa: E402
-from spar.ops import dispatch, reference  # noqa: E402
-from spar.ops import linear_triton as lt  # noqa: E402
-from spar.ops._triton_backend import linear_triton  # noqa: E402
-from spar.ops.linear import linear_torch  # noqa: E402
-from spar.ops.lrt_flipout import linear_flipout, linear_lrt  # noqa: E402
-from spar.ops.sample import sample_weight, sample_weights_backward  # noqa: E402
+from spar.ops import bayes_linear, dispatch, reference  # noqa: E402
+from spar.ops.backends.triton import linear as lt  # noqa: E402
+from spar.ops.backends.triton.sample import sample_weights, sample_weights_backward  # noqa: E402
 from spar.rng import NoiseKey  # noqa: E402
 from tests.ops.tolerance import assert_close, assert_close_lowp  # noqa: E402
 
 WID, BID = rng.param_id("fc.weight"), rng.param_id("fc.bias")
 NOISE_IDS = (rng.param_id("fc#in"), rng.param_id("fc#out"))
 NAMES = ("y", "x", "weight_mu", "weight_rho", "bias_mu", "bias_rho")
+PATHS = ("fused", "chunked")
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
-def _eager_rng(monkeypatch):
-    # the torch.compile'd generator costs a compile per test process; eager is exact too
-    monkeypatch.setenv("SPAR_RNG_COMPILE", "0")
+def _env(monkeypatch):
+    monkeypatch.setenv("SPAR_BACKEND", "triton")
     monkeypatch.delenv("SPAR_LINEAR_PATH", raising=False)
+    monkeypatch.delenv("SPAR_CHUNK_NUMEL", raising=False)
 
 
 def _make(S, B, N, K, *, shared, bias, seed=0, dtype=torch.float32):
@@ -66,11 +68,25 @@ def _reductions(S, B, N, K, shared):
     return (K, (S * N) if shared else N, per_param, per_param, per_param, per_param)
 
 
-def _compare(ours, expected, S, B, N, K, shared, what):
-    for name, a, e, n in zip(NAMES, ours, expected, _reductions(S, B, N, K, shared), strict=True):
+def _compare(ours, expected, reductions, what):
+    for name, a, e, n in zip(NAMES, ours, expected, reductions, strict=True):
         assert (a is None) == (e is None), f"{what}: {name}"
         if a is not None:
             assert_close(a, e, reduction=n, msg=f"{what}: {name}")
+
+
+def _public(monkeypatch, backend, key, shared, estimator="reparam", path="auto"):
+    """``bayes_linear`` on ``backend`` (and the linear path ``path``); the environment
+    stays set for the backward, which reads ``SPAR_LINEAR_PATH`` again."""
+
+    def fn(x, mu, rho, bmu, brho):
+        monkeypatch.setenv("SPAR_BACKEND", backend)
+        monkeypatch.setenv("SPAR_LINEAR_PATH", path)
+        return bayes_linear(x, mu, rho, bmu, brho, key, weight_id=WID, bias_id=BID,
+                            estimator=estimator, shared_input=shared,
+                            noise_ids=NOISE_IDS)  # fmt: skip
+
+    return fn
 
 
 def _reparam_ref(key, shared):
@@ -79,30 +95,6 @@ def _reparam_ref(key, shared):
         eps_w = key.normal(WID, (N, K)).to(rho.dtype)
         eps_b = None if bmu is None else key.normal(BID, (N,)).to(rho.dtype)
         return reference.linear_reparam(x, mu, rho, bmu, brho, eps_w, eps_b, shared_input=shared)
-
-    return fn
-
-
-def _torch_backend(key, shared, estimator="reparam"):
-    def fn(x, mu, rho, bmu, brho):
-        return linear_torch(
-            x, mu, rho, bmu, brho, key, weight_id=WID, bias_id=BID, estimator=estimator,
-            shared_input=shared, noise_ids=NOISE_IDS,
-        )  # fmt: skip
-
-    return fn
-
-
-def _triton(key, shared, path=None, estimator="reparam"):
-    def fn(x, mu, rho, bmu, brho):
-        if estimator == "reparam":
-            return lt.bayes_linear_reparam(x, mu, rho, bmu, brho, key, weight_id=WID,
-                                           bias_id=BID, shared_input=shared, path=path)  # fmt: skip
-        if estimator == "lrt":
-            return linear_lrt(x, mu, rho, bmu, brho, key, noise_id=NOISE_IDS[0],
-                              shared_input=shared)  # fmt: skip
-        return linear_flipout(x, mu, rho, bmu, brho, key, weight_id=WID, bias_id=BID,
-                              noise_ids=NOISE_IDS, shared_input=shared, path=path)  # fmt: skip
 
     return fn
 
@@ -126,18 +118,19 @@ def _ids(case):
     return f"K{K}-N{N}-S{S}-B{B}-{'shared' if shared else 'per'}{'-bias' if bias else ''}"
 
 
-@pytest.mark.parametrize("path", lt.PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_reparam_matches_reference_and_torch_backend(monkeypatch, case, path):
     K, N, S, B, shared, bias = case
     # a small chunk budget: the chunked path walks several chunks (2 samples each)
     monkeypatch.setenv("SPAR_CHUNK_NUMEL", str(2 * N * K))
     x, mu, rho, bmu, brho, key = _make(S, B, N, K, shared=shared, bias=bias)
-    ours = _run(_triton(key, shared, path), x, mu, rho, bmu, brho)
+    red = _reductions(S, B, N, K, shared)
+    ours = _run(_public(monkeypatch, "triton", key, shared, path=path), x, mu, rho, bmu, brho)
     ref = _run(_reparam_ref(key, shared), x, mu, rho, bmu, brho)
-    _compare(ours, ref, S, B, N, K, shared, f"{path} vs reference")
-    other = _run(_torch_backend(key, shared), x, mu, rho, bmu, brho)
-    _compare(ours, other, S, B, N, K, shared, f"{path} vs torch backend")
+    _compare(ours, ref, red, f"{path} vs reference")
+    other = _run(_public(monkeypatch, "torch", key, shared), x, mu, rho, bmu, brho)
+    _compare(ours, other, red, f"{path} vs torch backend")
 
 
 LOWP_CASES = [
@@ -156,7 +149,7 @@ def test_reparam_low_precision(monkeypatch, case, dtype):
     K, N, S, B, shared, bias, path = case
     monkeypatch.setenv("SPAR_CHUNK_NUMEL", str(2 * N * K))
     x, mu, rho, bmu, brho, key = _make(S, B, N, K, shared=shared, bias=bias, dtype=dtype)
-    ours = _run(_triton(key, shared, path), x, mu, rho, bmu, brho)
+    ours = _run(_public(monkeypatch, "triton", key, shared, path=path), x, mu, rho, bmu, brho)
     ref64 = _run(_reparam_ref(key, shared), x, mu, rho, bmu, brho, cast=lambda t: t.double())
     lowp = _run(_reparam_ref(key, shared), x, mu, rho, bmu, brho)
     assert ours[0].dtype == dtype and ours[1].dtype == dtype
@@ -176,24 +169,27 @@ EST_CASES = [
 ]
 
 
+def _expand(x, key, shared):
+    """The folded ``(S*B, K)`` input and the per-sample batch ``B``."""
+    S = key.num_samples
+    if shared:
+        return x.unsqueeze(0).expand(S, *x.shape).flatten(0, 1), x.shape[0]
+    return x, x.shape[0] // S
+
+
 def _lrt_ref(key, shared):
     def fn(x, mu, rho, bmu, brho):
-        S, N = key.num_samples, rho.shape[0]
-        B = x.shape[0] if shared else x.shape[0] // S
-        if shared:
-            x = x.unsqueeze(0).expand(S, *x.shape).flatten(0, 1)
-        eps = key.normal(NOISE_IDS[0], (B, N), first_row=key.data_offset).flatten(0, 1)
-        return reference.linear_lrt(x, mu, rho, bmu, brho, eps.to(x.dtype))
+        x, B = _expand(x, key, shared)
+        eps = key.normal(NOISE_IDS[0], (B, rho.shape[0]), first_row=key.data_offset)
+        return reference.linear_lrt(x, mu, rho, bmu, brho, eps.flatten(0, 1).to(x.dtype))
 
     return fn
 
 
 def _flipout_ref(key, shared):
     def fn(x, mu, rho, bmu, brho):
-        S, (N, K) = key.num_samples, rho.shape
-        B = x.shape[0] if shared else x.shape[0] // S
-        if shared:
-            x = x.unsqueeze(0).expand(S, *x.shape).flatten(0, 1)
+        x, B = _expand(x, key, shared)
+        N, K = rho.shape
 
         def sign(pid, C):
             noise = key.normal(pid, (B, C), first_row=key.data_offset)
@@ -207,82 +203,133 @@ def _flipout_ref(key, shared):
     return fn
 
 
+_EST_REFS = {"lrt": _lrt_ref, "flipout": _flipout_ref}
+
+
 @pytest.mark.parametrize(
-    "estimator,path", [("lrt", None), ("flipout", "fused"), ("flipout", "chunked")]
+    "estimator,path", [("lrt", "auto"), ("flipout", "fused"), ("flipout", "chunked")]
 )
 @pytest.mark.parametrize("case", EST_CASES, ids=_ids)
 def test_lrt_flipout_match_reference_and_torch_backend(monkeypatch, case, estimator, path):
     K, N, S, B, shared, bias = case
     monkeypatch.setenv("SPAR_CHUNK_NUMEL", str(N * K))  # chunked: one sample per chunk
     x, mu, rho, bmu, brho, key = _make(S, B, N, K, shared=shared, bias=bias, seed=3)
-    ours = _run(_triton(key, shared, path, estimator), x, mu, rho, bmu, brho)
-    ref_fn = _lrt_ref if estimator == "lrt" else _flipout_ref
-    ref = _run(ref_fn(key, shared), x, mu, rho, bmu, brho)
+    ours = _run(_public(monkeypatch, "triton", key, shared, estimator, path),
+                x, mu, rho, bmu, brho)  # fmt: skip
     # lrt's parameter gradients also sum over the N or K axis of the variance GEMM
     red = (K, S * N, S * B * K, S * B * K, S * B, S * B)
-    for name, a, e, n in zip(NAMES, ours, ref, red, strict=True):
-        if a is not None:
-            assert_close(a, e, reduction=n, msg=f"{estimator} vs reference: {name}")
-    other = _run(_torch_backend(key, shared, estimator), x, mu, rho, bmu, brho)
-    for name, a, e, n in zip(NAMES, ours, other, red, strict=True):
-        if a is not None:
-            assert_close(a, e, reduction=n, msg=f"{estimator} vs torch backend: {name}")
+    ref = _run(_EST_REFS[estimator](key, shared), x, mu, rho, bmu, brho)
+    _compare(ours, ref, red, f"{estimator} {path} vs reference")
+    other = _run(_public(monkeypatch, "torch", key, shared, estimator), x, mu, rho, bmu, brho)
+    _compare(ours, other, red, f"{estimator} {path} vs torch backend")
 
 
-@pytest.mark.parametrize("estimator", ["lrt", "flipout"])
-def test_lrt_flipout_bf16(estimator):
+@pytest.mark.parametrize(
+    "estimator,dtype",
+    [("lrt", torch.float16), ("lrt", torch.bfloat16), ("flipout", torch.float16),
+     ("flipout", torch.bfloat16)],
+    ids=["lrt-fp16", "lrt-bf16", "flipout-fp16", "flipout-bf16"],
+)  # fmt: skip
+def test_lrt_flipout_low_precision(monkeypatch, estimator, dtype):
     K, N, S, B, shared = 33, 20, 2, 3, False
-    dtype = torch.bfloat16
     x, mu, rho, bmu, brho, key = _make(S, B, N, K, shared=shared, bias=True, seed=4,
                                        dtype=dtype)  # fmt: skip
-    ref_fn = (_lrt_ref if estimator == "lrt" else _flipout_ref)(key, shared)
-    ours = _run(_triton(key, shared, estimator=estimator), x, mu, rho, bmu, brho)
+    ref_fn = _EST_REFS[estimator](key, shared)
+    ours = _run(_public(monkeypatch, "triton", key, shared, estimator), x, mu, rho, bmu, brho)
     ref64 = _run(ref_fn, x, mu, rho, bmu, brho, cast=lambda t: t.double())
-    # torch's own bf16 evaluation of the same math (all operands in bf16)
+    # torch's own evaluation of the same math with every operand in that dtype
     lowp = _run(ref_fn, x, mu, rho, bmu, brho, cast=lambda t: t.to(dtype))
+    assert ours[0].dtype == dtype and ours[1].dtype == dtype
     for name, a, r, lp in zip(NAMES, ours, ref64, lowp, strict=True):
         if a is not None:
             assert_close_lowp(a, r, lp, dtype=dtype, reduction=S * B * K, msg=name)
 
 
-def test_sample_weight_op_matches_reference():
-    """The materializing op (conv weights): any shape, gradients summed over samples."""
+# --- the sampled_linear primitive ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_primitive_partial_needs_and_zero_mean_match_torch_backend(monkeypatch, path):
+    """``resolve("sampled_linear")`` called as ``fn(x, mu, rho, key, pid, shared)``: only
+    the gradients asked for (frozen input or mean, ``mu=None``), equal to the torch
+    backend's with the same key."""
+    S, B, N, K = 3, 2, 9, 13
+    monkeypatch.setenv("SPAR_LINEAR_PATH", path)
+    monkeypatch.setenv("SPAR_CHUNK_NUMEL", str(N * K))
+    for shared in (0, 1):
+        x, mu, rho, _, _, key = _make(S, B, N, K, shared=bool(shared), bias=False, seed=5)
+        dy = torch.randn(S * B, N, generator=torch.Generator().manual_seed(2))
+        for grad_x, grad_mu, with_mu in ((False, False, True), (True, False, True),
+                                         (False, True, True), (False, False, False)):  # fmt: skip
+            got = []
+            for backend in ("triton", "torch"):
+                monkeypatch.setenv("SPAR_BACKEND", backend)
+                fn = dispatch.resolve("sampled_linear", CPU)
+                xs = x.clone().requires_grad_(grad_x)
+                ms = mu.clone().requires_grad_(grad_mu) if with_mu else None
+                rs = rho.clone().requires_grad_(True)
+                y = fn(xs, ms, rs, key, WID, shared)
+                leaves = [t for t in (xs, ms, rs) if t is not None and t.requires_grad]
+                got.append([y, *torch.autograd.grad(y, leaves, dy)])
+            what = f"{path} shared={shared} grad_x={grad_x} grad_mu={grad_mu} mu={with_mu}"
+            red = [K, S * N if shared else N] if grad_x else [K]
+            red += [S * B] * (len(got[0]) - len(red))
+            for i, (a, e, n) in enumerate(zip(*got, red, strict=True)):
+                assert_close(a, e, reduction=n, msg=f"{what}: result {i}")
+
+
+# --- the sampling kernel (chunked path, conv weights, per-sample biases) ------------------
+
+
+def test_sample_kernel_matches_reference_forward_and_backward():
+    """``sample_weights`` (any shape viewed as ``(rows, cols)``) is ``mu + sigma * eps``,
+    and ``sample_weights_backward`` is the eager formula ``(sum_s g_s, sigmoid(rho) *
+    sum_s g_s * eps_s)`` with eps regenerated."""
     S, shape = 3, (5, 3, 3, 3)
     key = NoiseKey(seed=9, step=2, first_sample=1, num_samples=S)
     g = torch.Generator().manual_seed(0)
     mu = torch.randn(shape, generator=g)
     rho = torch.randn(shape, generator=g) * 0.5 - 1.0
     gw = torch.randn((S, *shape), generator=g)
+    eps = key.normal(WID, shape)
+    rows = (shape[0], -1)
+    sig = F.softplus(rho)
     for with_mu in (True, False):
-        m = mu.clone().requires_grad_(with_mu)
-        r = rho.clone().requires_grad_(True)
-        w = sample_weight(m if with_mu else None, r, key, WID)
-        grads = torch.autograd.grad(w, [m, r] if with_mu else [r], gw)
-        m2, r2 = mu.clone().requires_grad_(with_mu), rho.clone().requires_grad_(True)
-        eps = key.normal(WID, shape)
-        w2 = reference.sample_weight(m2 if with_mu else torch.zeros(shape), r2, eps)
-        grads2 = torch.autograd.grad(w2, [m2, r2] if with_mu else [r2], gw)
-        assert_close(w, w2, msg="W")
-        for a, e in zip(grads, grads2, strict=True):
-            assert_close(a, e, reduction=S, msg="grad")
+        w = sample_weights(mu.reshape(rows) if with_mu else None, sig.reshape(rows), key, WID)
+        expected = reference.sample_weight(mu if with_mu else torch.zeros(shape), rho, eps)
+        assert_close(w.view(S, *shape), expected, msg=f"W (mu={with_mu})")
+    for need_mu in (True, False):
+        g_mu, g_rho = sample_weights_backward(gw.reshape(S, *rows), key, WID, need_mu=need_mu,
+                                              rho=rho.reshape(rows))  # fmt: skip
+        assert (g_mu is None) == (not need_mu)
+        if need_mu:
+            assert_close(g_mu.view(shape), gw.sum(0), reduction=S, msg="grad_mu")
+        expected_rho = (gw * eps).sum(0) * torch.sigmoid(rho)
+        assert_close(g_rho.view(shape), expected_rho, reduction=S, msg="grad_rho")
+    # without rho: the bare sum over samples of g_s * eps_s
+    _, g_eps = sample_weights_backward(gw.reshape(S, *rows), key, WID, need_mu=False)
+    assert_close(g_eps.view(shape), (gw * eps).sum(0), reduction=S, msg="grad_eps")
     # a vector is one row of the key (biases); bf16 output is the rounded fp32 sample
-    b = sample_weight(mu[:, 0, 0, 0], rho[:, 0, 0, 0], key, BID, dtype=torch.bfloat16)
-    eps_b = key.normal(BID, (5,))
-    expected = reference.sample_weight(mu[:, 0, 0, 0], rho[:, 0, 0, 0], eps_b)
-    torch.testing.assert_close(b, expected.to(torch.bfloat16), rtol=0, atol=0)
+    bmu, bsig = mu[:, 0, 0, 0], sig[:, 0, 0, 0]
+    b = sample_weights(bmu.view(1, -1), bsig.view(1, -1), key, BID, dtype=torch.bfloat16)
+    expected = reference.sample_weight(bmu, rho[:, 0, 0, 0], key.normal(BID, (5,)))
+    torch.testing.assert_close(b.view(S, 5), expected.to(torch.bfloat16), rtol=0, atol=0)
 
 
 def test_sample_backward_accumulates_over_chunks():
     S, R, C = 5, 7, 18
     key = NoiseKey(seed=1, step=1, first_sample=0, num_samples=S)
-    gw = torch.randn(S, R, C, generator=torch.Generator().manual_seed(0))
-    full_mu, full_eps = sample_weights_backward(gw, key, WID)
-    g_mu = g_eps = None
+    g = torch.Generator().manual_seed(0)
+    gw = torch.randn(S, R, C, generator=g)
+    rho = torch.randn(R, C, generator=g)
+    full_mu, full_rho = sample_weights_backward(gw, key, WID, rho=rho)
+    g_mu = g_rho = None
     for lo, hi in ((0, 2), (2, 4), (4, 5)):
-        g_mu, g_eps = sample_weights_backward(gw[lo:hi], key, WID, (lo, hi), grad_mu=g_mu,
-                                              grad_eps=g_eps)  # fmt: skip
+        last = rho if hi == S else None  # the last chunk finishes grad_rho
+        g_mu, g_rho = sample_weights_backward(gw[lo:hi], key, WID, (lo, hi), grad_mu=g_mu,
+                                              grad_eps=g_rho, rho=last)  # fmt: skip
     assert_close(g_mu, full_mu, reduction=S)
-    assert_close(g_eps, full_eps, reduction=S)
+    assert_close(g_rho, full_rho, reduction=S)
 
 
 # --- memory (I4) ------------------------------------------------------------------------
@@ -311,8 +358,7 @@ def _largest_backward_allocation(path, monkeypatch, S=4, B=3, N=32, K=32, shared
     monkeypatch.setenv("SPAR_CHUNK_NUMEL", str(1 << 30))  # chunked: all samples at once
     x, mu, rho, bmu, brho, key = _make(S, B, N, K, shared=shared, bias=True)
     leaves = [t.requires_grad_(True) for t in (x, mu, rho, bmu, brho)]
-    y = lt.bayes_linear_reparam(*leaves, key, weight_id=WID, bias_id=BID, shared_input=shared,
-                                path=path)  # fmt: skip
+    y = _public(monkeypatch, "triton", key, shared, path=path)(*leaves)
     dy = torch.randn_like(y)
     with _AllocationTracker() as tracker:
         torch.autograd.grad(y, leaves, dy)
@@ -344,49 +390,90 @@ def test_path_rule_and_override(monkeypatch):
         lt.choose_path(1)
 
 
-def test_backend_entry_point_follows_the_path_rule(monkeypatch):
+def test_primitive_follows_the_path_rule(monkeypatch):
+    """Forward and backward of the primitive take the path of the per-sample rows (not the
+    folded ``S*B``), and ``SPAR_LINEAR_PATH`` forces one."""
     taken = []
-    for cls in (lt.FusedBayesLinearFunction, lt.ChunkedBayesLinearFunction):
-        orig = cls.apply
-        monkeypatch.setattr(cls, "apply", lambda *a, _o=orig, _c=cls: taken.append(_c) or _o(*a))
-    x, mu, rho, bmu, brho, key = _make(2, 3, 8, 8, shared=False, bias=True)
-    kw = dict(weight_id=WID, bias_id=BID)
-    linear_triton(x, mu, rho, bmu, brho, key, **kw)
-    monkeypatch.setenv("SPAR_LINEAR_PATH", "chunked")
-    linear_triton(x, mu, rho, bmu, brho, key, **kw)
-    assert taken == [lt.FusedBayesLinearFunction, lt.ChunkedBayesLinearFunction]
-    with pytest.raises(ValueError, match="estimator"):
-        linear_triton(x, mu, rho, bmu, brho, key, estimator="mc", **kw)
+    for name in ("fused_forward", "chunked_forward", "fused_backward_dx", "fused_backward_dw",
+                 "chunked_backward"):  # fmt: skip
+        orig = getattr(lt, name)
+        monkeypatch.setattr(lt, name, lambda *a, _o=orig, _n=name, **k: taken.append(_n) or
+                            _o(*a, **k))  # fmt: skip
+    monkeypatch.setattr(lt, "FUSED_MAX_ROWS", 2)  # small inputs on both sides of the rule
+
+    def run(S, B, shared, path="auto"):
+        taken.clear()
+        x, mu, rho, bmu, brho, key = _make(S, B, 8, 8, shared=shared, bias=True)
+        leaves = [t.requires_grad_(True) for t in (x, mu, rho, bmu, brho)]
+        y = _public(monkeypatch, "triton", key, shared, path=path)(*leaves)
+        torch.autograd.grad(y.sum(), leaves)
+        return list(taken)
+
+    fused = ["fused_forward", "fused_backward_dx", "fused_backward_dw"]
+    chunked = ["chunked_forward", "chunked_backward"]
+    assert run(3, 2, False) == fused  # 6 folded rows, 2 per sample
+    assert run(1, 3, False) == chunked
+    assert run(4, 2, True) == fused
+    assert run(1, 3, True) == chunked
+    assert run(3, 2, False, "chunked") == chunked
+    assert run(1, 3, True, "fused") == fused
 
 
-def test_dispatcher_selects_triton_only_when_asked_on_cpu(monkeypatch):
+def test_triton_backend_primitives_and_conv_fallback(monkeypatch):
+    """On CPU tensors ``auto`` takes the torch backend; ``SPAR_BACKEND=triton`` takes
+    Triton for every primitive it implements and torch for ``sampled_conv``."""
+    own = ("sampled_linear", "lrt_noise", "sign_mul", "normal")
     monkeypatch.setenv("SPAR_BACKEND", "auto")
-    assert dispatch.resolve("linear", torch.device("cpu"))[0] == "torch"
+    for p in dispatch.PRIMITIVES:
+        assert dispatch.backend_for(p, CPU) == "torch", p
+    monkeypatch.setenv("SPAR_BACKEND", "torch")
+    torch_fns = {p: dispatch.resolve(p, CPU) for p in dispatch.PRIMITIVES}
     monkeypatch.setenv("SPAR_BACKEND", "triton")
-    name, fn = dispatch.resolve("linear", torch.device("cpu"))
-    assert name == "triton" and fn is linear_triton
+    assert dispatch.implemented("triton") == own
+    for p in dispatch.PRIMITIVES:
+        fn = dispatch.resolve(p, CPU)
+        if p in own:
+            assert dispatch.backend_for(p, CPU) == "triton" and fn is not torch_fns[p], p
+        else:
+            assert dispatch.backend_for(p, CPU) == "torch" and fn is torch_fns[p], p
 
 
 def test_input_validation(monkeypatch):
+    """The public op's checks run before the backend; the backend itself refuses what it
+    cannot run (non-fp32 parameters, CPU tensors outside the interpreter)."""
     x, mu, rho, bmu, brho, key = _make(2, 3, 8, 6, shared=False, bias=True)
     kw = dict(weight_id=WID, bias_id=BID)
-    with pytest.raises(ValueError, match="features"):
-        lt.bayes_linear_reparam(x[:, :5], mu, rho, bmu, brho, key, **kw)
+    with pytest.raises(ValueError, match=r"x must be \(S\*B, 6\)"):
+        bayes_linear(x[:, :5], mu, rho, bmu, brho, key, **kw)
     with pytest.raises(ValueError, match="divisible"):
-        lt.bayes_linear_reparam(x[:5], mu, rho, bmu, brho, key, **kw)
-    with pytest.raises(TypeError, match="weight_rho"):
-        lt.bayes_linear_reparam(x, mu, rho.half(), bmu, brho, key, **kw)
+        bayes_linear(x[:5], mu, rho, bmu, brho, key, **kw)
+    with pytest.raises(TypeError, match="must share one float dtype"):
+        bayes_linear(x, mu, rho.half(), bmu, brho, key, **kw)
     with pytest.raises(ValueError, match="bias"):
-        lt.bayes_linear_reparam(x, mu, rho, bmu, None, key, **kw)
-    with pytest.raises(TypeError, match="x must be"):
-        lt.bayes_linear_reparam(x.double(), mu, rho, bmu, brho, key, **kw)
+        bayes_linear(x, mu, rho, bmu, None, key, **kw)
+    with pytest.raises(TypeError, match="x is torch.float64"):
+        bayes_linear(x.double(), mu, rho, bmu, brho, key, **kw)
+    with pytest.raises(ValueError, match="estimator"):
+        bayes_linear(x, mu, rho, bmu, brho, key, estimator="mc", **kw)
+    half = [t.half() for t in (x, mu, rho, bmu, brho)]
+    with pytest.raises(TypeError, match="fp32 parameters"):
+        bayes_linear(*half, key, **kw)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="CUDA tensors"):
-        lt.bayes_linear_reparam(x, mu, rho, bmu, brho, key, **kw)
+    for estimator in ("reparam", "lrt", "flipout"):
+        with pytest.raises(RuntimeError, match="CUDA tensors"):
+            bayes_linear(x, mu, rho, bmu, brho, key, estimator=estimator, **kw)
 
 
-@pytest.mark.parametrize("path", lt.PATHS)
-def test_strided_inputs_and_expanded_grad(path):
+@pytest.mark.parametrize(
+    "estimator,path",
+    [
+        ("reparam", "fused"),
+        ("reparam", "chunked"),
+        ("lrt", "auto"),
+        ("flipout", "auto"),
+    ],  # fmt: skip
+)
+def test_strided_inputs_and_expanded_grad(monkeypatch, estimator, path):
     """A transposed (non-contiguous) input and the stride-0 gradient of ``y.sum()``: each
     tensor is read through its own strides."""
     S, B, N, K = 2, 3, 17, 20
@@ -399,18 +486,20 @@ def test_strided_inputs_and_expanded_grad(path):
         y = fn(*leaves)
         return [y.detach(), *torch.autograd.grad(y.sum(), leaves)]
 
-    ours = run(_triton(key, False, path))
-    _compare(ours, run(_reparam_ref(key, False)), S, B, N, K, False, f"{path} strided")
+    ours = run(_public(monkeypatch, "triton", key, False, estimator, path))
+    ref = (_reparam_ref if estimator == "reparam" else _EST_REFS[estimator])(key, False)
+    red = (K, N, S * B * K, S * B * K, S * B, S * B)
+    _compare(ours, run(ref), red, f"{estimator} {path} strided")
 
 
 def test_backend_import_fails_cleanly_without_triton():
-    """Without triton the backend module raises ImportError, which the dispatcher turns
+    """Without triton the backend package raises ImportError, which the dispatcher turns
     into 'unavailable' (auto falls back, an explicit request raises with the reason)."""
     code = """
 import sys
 sys.modules["triton"] = None  # as if triton were not installed
 try:
-    import spar.ops._triton_backend
+    import spar.ops.backends.triton
 except ImportError:
     pass
 else:
@@ -419,13 +508,14 @@ import os, torch
 from spar.ops import dispatch
 os.environ["SPAR_BACKEND"] = "triton"
 try:
-    dispatch.resolve("linear", torch.device("cpu"))
+    dispatch.resolve("sampled_linear", torch.device("cpu"))
 except dispatch.BackendUnavailable as e:
     assert "triton" in str(e), e
 else:
     raise SystemExit("resolved triton without triton")
 os.environ["SPAR_BACKEND"] = "auto"
-assert dispatch.resolve("linear", torch.device("cuda"))[0] == "torch"
+for p in dispatch.PRIMITIVES:
+    assert dispatch.backend_for(p, torch.device("cuda")) == "torch", p
 """
     import subprocess
     import sys

@@ -1,6 +1,7 @@
 """Noise generated inside the Triton kernels is the noise key of spar.rng (I1): Philox
 integers bit for bit, normals within a few ulp, the same for every block size and every
-kernel that regenerates it."""
+kernel that regenerates it; the per-example noise primitives (``lrt_noise``, ``sign_mul``)
+and the keyed ``normal`` equal the torch backend's for tensors of any shape (I2)."""
 
 from __future__ import annotations
 
@@ -13,23 +14,25 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from spar import rng  # noqa: E402
-from spar.ops import linear_triton as lt  # noqa: E402
-from spar.ops._triton_utils import as_i32, normal_tile, philox_key, philox_tile  # noqa: E402
-from spar.ops.lrt_flipout import sign_mul  # noqa: E402
-from spar.ops.sample import sample_weights  # noqa: E402
+from spar.ops.backends.torch import noise as torch_noise  # noqa: E402
+from spar.ops.backends.triton import linear as lt  # noqa: E402
+from spar.ops.backends.triton import noise as triton_noise  # noqa: E402
+from spar.ops.backends.triton._utils import (  # noqa: E402
+    as_i32,
+    normal_tile,
+    philox_key,
+    philox_tile,
+)
+from spar.ops.backends.triton.sample import sample_weights  # noqa: E402
+from spar.ops.library import VAR_FLOOR  # noqa: E402
 from spar.rng import NoiseKey  # noqa: E402
+from tests.ops.tolerance import assert_close, assert_close_lowp  # noqa: E402
 
 # normals: the interpreter's float32 log/sin/cos (numpy) and torch's differ by a few ulp
 NORMAL_ATOL = 4e-6
 
 SEED, STEP = 0xDEADBEEF, 3_000_000_000  # values above 2**31 exercise the uint32 counters
 PID = rng.param_id("encoder.layer.weight")
-
-
-@pytest.fixture(autouse=True)
-def _eager_rng(monkeypatch):
-    # the torch.compile'd generator costs a compile per test process; eager is exact too
-    monkeypatch.setenv("SPAR_RNG_COMPILE", "0")
 
 
 @triton.jit
@@ -118,27 +121,35 @@ def test_fused_kernels_regenerate_the_same_noise_for_any_block_size():
     eye_k = torch.eye(K)
     eye_n = torch.eye(N).repeat(S, 1)
     for cfg in CONFIGS:
-        y = lt.bayes_linear_forward(eye_k, mu, sig, None, None, key, PID, 0, True, config=cfg)
+        y = lt.fused_forward(eye_k, mu, sig, key, PID, 1, config=cfg)
         assert torch.equal(y.view(S, K, N), w.transpose(1, 2))
-        dx = lt.bayes_linear_backward_dx(eye_n, mu, sig, key, PID, False, N, config=cfg)
+        dx = lt.fused_backward_dx(eye_n, mu, sig, key, PID, 0, N, config=cfg)
         assert torch.equal(dx.view(S, N, K), w)
     key1 = _key(1, first=4)
     eps = sample_weights(None, torch.ones(N, K), key1, PID)[0]
     for cfg in CONFIGS:
-        _, g_eps, _, _ = lt.bayes_linear_backward_dw(
-            torch.ones(1, K), torch.ones(1, N), key1, PID, 0, (N, K), False, 1,
-            need_mu=False, config=cfg,
+        g_mu, g_eps = lt.fused_backward_dw(
+            torch.ones(1, K), torch.ones(1, N), key1, PID, (N, K), 0, 1, need_mu=False,
+            config=cfg,
         )  # fmt: skip
+        assert g_mu is None
         assert torch.equal(g_eps, eps)
 
 
-def test_per_example_signs_match_the_torch_backend():
-    S, B, C, offset = 3, 5, 23, 1000
-    key = _key(S, first=2, data_offset=offset)
-    x = torch.ones(B, C)
-    signs = sign_mul(x, key, PID, shared=True)  # (S*B, C)
-    noise = key.normal(PID, (B, C), first_row=offset)
-    assert torch.equal(signs, torch.where(noise >= 0, 1.0, -1.0).flatten(0, 1))
+def test_fused_shared_dx_sums_samples_in_any_number_of_groups():
+    """Shared input: ``dx = sum_s dy[s] @ W_s``, with the samples split into groups whose
+    fp32 partial sums are reduced afterwards (one group writes dx directly)."""
+    N, K, S = 13, 11, 5
+    key = _key(S, first=1)
+    g = torch.Generator().manual_seed(1)
+    mu = torch.randn(N, K, generator=g)
+    sig = torch.rand(N, K, generator=g) + 0.1
+    w = sample_weights(mu, sig, key, PID)
+    eye_n = torch.eye(N).repeat(S, 1)
+    for groups in (1, 2, S, None):
+        dx = lt.fused_backward_dx(eye_n, mu, sig, key, PID, 1, N, groups=groups)
+        assert dx.shape == (N, K)
+        assert_close(dx, w.sum(0), reduction=S, msg=f"groups={groups}")
 
 
 def test_fused_forward_moments():
@@ -146,9 +157,144 @@ def test_fused_forward_moments():
     S*N outputs within 6 standard errors."""
     S, N, K, s0 = 32, 64, 64, 0.5
     key = _key(S)
-    y = lt.bayes_linear_forward(
-        torch.ones(1, K), None, torch.full((N, K), s0), None, None, key, PID, 0, True
-    ).double() / (s0 * math.sqrt(K))
+    y = lt.fused_forward(torch.ones(1, K), None, torch.full((N, K), s0), key, PID, 1).double() / (
+        s0 * math.sqrt(K)
+    )
     n = y.numel()
     assert abs(float(y.mean())) < 6 / math.sqrt(n)
     assert abs(float(y.var()) - 1) < 6 * math.sqrt(2 / n)
+
+
+# --- per-example noise primitives and the keyed normals, against the torch backend --------
+
+# (shape of one example's features, samples, batch, shared): 2-D linear activations and
+# 4-D convolution activations (rows first, features flattened), odd sizes
+EXAMPLE_CASES = [((23,), 3, 5, False), ((23,), 3, 5, True), ((3, 5, 4), 2, 3, False),
+                 ((3, 5, 4), 3, 2, True)]  # fmt: skip
+
+
+def _example_ids(case):
+    feat, S, B, shared = case
+    return f"{len(feat) + 1}d-S{S}-B{B}-{'shared' if shared else 'per'}"
+
+
+def _example_inputs(feat, S, B, shared, seed=0):
+    """Key, input ``(S*B or B, *feat)`` with exact zeros (the variance floor), and the
+    folded gradient ``dy``."""
+    key = _key(S, first=2, data_offset=1000)
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn((B if shared else S * B, *feat), generator=g)
+    t.view(-1)[::7] = 0.0
+    dy = torch.randn((S * B, *feat), generator=g)
+    return key, t, dy
+
+
+@pytest.mark.parametrize("case", EXAMPLE_CASES, ids=_example_ids)
+def test_sign_mul_matches_torch_backend_bit_for_bit(case):
+    feat, S, B, shared = case
+    key, x, dy = _example_inputs(feat, S, B, shared)
+    shared = int(shared)
+    out = triton_noise.sign_mul_forward(x, key, PID, shared)
+    assert out.shape == (S * B, *feat)
+    assert torch.equal(out, torch_noise.sign_mul_forward(x, key, PID, shared))
+    (g,) = triton_noise.sign_mul_backward(dy, x, key, PID, shared, (True,))
+    (g_ref,) = torch_noise.sign_mul_backward(dy, x, key, PID, shared, (True,))
+    assert g.shape == x.shape
+    if shared:  # a sum over samples of signed terms
+        assert_close(g, g_ref, reduction=S)
+    else:
+        assert torch.equal(g, g_ref)
+    # and the signs are those of the keyed normals of the examples' global rows
+    noise = key.normal(PID, (B, *feat), first_row=key.data_offset)
+    ones = triton_noise.sign_mul_forward(torch.ones(B, *feat), key, PID, 1)
+    assert torch.equal(ones, torch.where(noise >= 0, 1.0, -1.0).flatten(0, 1))
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float16,
+        torch.bfloat16,
+    ],
+    ids=["fp16", "bf16"],
+)  # fmt: skip
+def test_sign_mul_low_precision_is_exact(dtype):
+    """A sign flip is exact in any dtype: bit for bit the torch backend's, forward and
+    backward."""
+    feat, S, B = (3, 5, 4), 2, 3
+    key, x, dy = _example_inputs(feat, S, B, False, seed=3)
+    x, dy = x.to(dtype), dy.to(dtype)
+    out = triton_noise.sign_mul_forward(x, key, PID, 0)
+    assert out.dtype == dtype
+    assert torch.equal(out, torch_noise.sign_mul_forward(x, key, PID, 0))
+    (g,) = triton_noise.sign_mul_backward(dy, x, key, PID, 0, (True,))
+    assert torch.equal(g, torch_noise.sign_mul_backward(dy, x, key, PID, 0, (True,))[0])
+
+
+@pytest.mark.parametrize("case", EXAMPLE_CASES, ids=_example_ids)
+def test_lrt_noise_matches_torch_backend(case):
+    feat, S, B, shared = case
+    key, var, dy = _example_inputs(feat, S, B, shared, seed=1)
+    var = var.abs()
+    shared = int(shared)
+    out = triton_noise.lrt_noise_forward(var, key, PID, shared)
+    assert out.shape == (S * B, *feat)
+    assert_close(out, torch_noise.lrt_noise_forward(var, key, PID, shared), msg="forward")
+    (g,) = triton_noise.lrt_noise_backward(dy, var, key, PID, shared, (True,))
+    (g_ref,) = torch_noise.lrt_noise_backward(dy, var, key, PID, shared, (True,))
+    assert g.shape == var.shape
+    # where var = 0: the forward is the floor's sqrt(VAR_FLOOR) * eps, the gradient is 0
+    zero = var == 0
+    zero_folded = zero.expand(S, *zero.shape).flatten(0, 1) if shared else zero
+    assert zero.any()
+    assert out[zero_folded].abs().max() < 10 * math.sqrt(VAR_FLOOR)
+    assert (g[zero] == 0).all()
+    # a gradient near 1/sqrt(var) is large where var is small: relative tolerance
+    assert_close(g, g_ref, reduction=S if shared else 1, msg="backward")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_lrt_noise_low_precision(dtype):
+    """fp16/bf16 variances (positive; zeros: the next test): error against
+    an fp64 evaluation with the same noise at most twice the torch backend's."""
+    feat, S, B = (3, 5, 4), 2, 3
+    key, var, dy = _example_inputs(feat, S, B, False, seed=2)
+    var = var.abs() + 0.1
+    eps = key.normal(PID, (B, *feat), first_row=key.data_offset).double()
+    std64 = var.to(dtype).double().unflatten(0, (S, -1)).sqrt()
+    dy_lp, var_lp = dy.to(dtype), var.to(dtype)
+    out = triton_noise.lrt_noise_forward(var_lp, key, PID, 0)
+    assert out.dtype == dtype
+    ref_out = (std64 * eps).flatten(0, 1)
+    lowp_out = torch_noise.lrt_noise_forward(var_lp, key, PID, 0)
+    assert_close_lowp(out, ref_out, lowp_out, dtype=dtype, msg="forward")
+    (g,) = triton_noise.lrt_noise_backward(dy_lp, var_lp, key, PID, 0, (True,))
+    assert g.dtype == dtype
+    ref_g = (dy_lp.double().unflatten(0, (S, -1)) * eps / (2 * std64)).flatten(0, 1)
+    (lowp_g,) = torch_noise.lrt_noise_backward(dy_lp, var_lp, key, PID, 0, (True,))
+    assert_close_lowp(g, ref_g, lowp_g, dtype=dtype, msg="backward")
+
+
+def test_lrt_noise_fp16_zero_variance_gradient_matches_torch_backend():
+    """The floor is applied in fp32 on both backends (1e-30 is 0 in fp16): var = 0 has
+    gradient 0, not dy * eps / 0."""
+    S, B, C = 2, 2, 8
+    key = _key(S)
+    var = torch.zeros(S * B, C, dtype=torch.float16)
+    dy = torch.ones(S * B, C, dtype=torch.float16)
+    (g,) = triton_noise.lrt_noise_backward(dy, var, key, PID, 0, (True,))
+    assert torch.equal(g, torch.zeros_like(g))
+    (g_ref,) = torch_noise.lrt_noise_backward(dy, var, key, PID, 0, (True,))
+    assert torch.equal(g_ref, g)
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 9), (4, 3, 3, 3), ()], ids=str)
+def test_normal_matches_the_key(shape):
+    """The per-sample biases' (and any parameter's) keyed normals ``(S, *shape)``, a vector
+    being one row of the key, against the torch backend's."""
+    key = _key(3, first=5)
+    like = torch.empty(0)
+    eps = triton_noise.normal_forward(like, key, PID, *shape)
+    assert eps.shape == (3, *shape) and eps.dtype == torch.float32
+    expected = torch_noise.normal_forward(like, key, PID, *shape)
+    torch.testing.assert_close(eps, expected, rtol=0, atol=NORMAL_ATOL)

@@ -29,22 +29,28 @@ def _example_noise(t: Tensor, key: NoiseKey, noise_id: int, shared: int) -> Tens
     return key.normal(noise_id, (B, *t.shape[1:]), first_row=key.data_offset, device=t.device)
 
 
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """fp16/bf16 -> fp32 (the floor 1e-30 is 0 in fp16, and the kernels work in fp32)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _sum_if_shared(g: Tensor, shared: int) -> Tensor:
     return g.sum(0) if shared else g.flatten(0, 1)
 
 
 def lrt_noise_forward(var: Tensor, key: NoiseKey, noise_id: int, shared: int) -> Tensor:
     """``sqrt(max(var, VAR_FLOOR)) * eps``, folded ``(S*B, ...)`` in var's dtype."""
-    std = _per_sample(var.clamp_min(VAR_FLOOR).sqrt(), key.num_samples, shared)
+    v = _per_sample(_at_least_fp32(var), key.num_samples, shared)
     eps = _example_noise(var, key, noise_id, shared)
-    return (std * eps.to(var.dtype)).flatten(0, 1)
+    return (v.clamp_min(VAR_FLOOR).sqrt() * eps).to(var.dtype).flatten(0, 1)
 
 
 def lrt_noise_backward(dy, var, key, noise_id, shared, needs):
     S = key.num_samples
-    eps = _example_noise(var, key, noise_id, shared).to(var.dtype)
-    v = _per_sample(var, S, shared)
-    g = torch.where(v >= VAR_FLOOR, dy.unflatten(0, (S, -1)) * eps / (2 * v.sqrt()), 0.0)
+    eps = _example_noise(var, key, noise_id, shared)
+    v = _per_sample(_at_least_fp32(var), S, shared)
+    dys = dy.unflatten(0, (S, -1)).to(v.dtype)
+    g = torch.where(v >= VAR_FLOOR, dys * eps / (2 * v.sqrt()), 0.0)
     return (_sum_if_shared(g, shared).to(var.dtype),)
 
 

@@ -112,7 +112,9 @@ def _sign_mul_kernel(
     r, s, b, c, mask, eps = _tile(R, C, B, key, first_sample, data_offset, step,
                                   BLOCK_R, BLOCK_C)  # fmt: skip
     x = tl.load(x_ptr + s * stride_xs + b * stride_xb + c * stride_xc, mask=mask, other=0.0)
-    out = tl.where(eps >= 0.0, x, -x).to(tl.float32)
+    # fp32 before the negation: the interpreter holds bf16 as raw uint16
+    x = x.to(tl.float32)
+    out = tl.where(eps >= 0.0, x, -x)
     tl.store(out_ptr + r * stride_or + c * stride_oc,
              to_store(out, out_ptr.dtype.element_ty, INTERPRET), mask=mask)  # fmt: skip
 

@@ -52,7 +52,10 @@ class SampleParallel(nn.Module):
     """Sampling parallelism for a Bayesian model (see the module docstring).
 
     Args:
-        model: the Bayesian model; it sees the folded batch ``(S_local * B_local, ...)``.
+        model: the Bayesian model. It receives the local batch ``(B_local, ...)`` shared
+            by the local samples; after its first Bayesian layer it sees the folded
+            ``(S_local * B_local, ...)`` batch (see :class:`spar.nn.MonteCarlo`;
+            ``fold_input=True`` gives it the folded copy from the start).
         num_samples: S, the total number of Monte Carlo samples per step; must be divisible
             by ``grid.sample``.
         grid: from :func:`spar.distributed.init`; default the grid of the initialized
@@ -66,6 +69,9 @@ class SampleParallel(nn.Module):
             sample group share one stream (needed for grid invariance I3); ``"none"``/None:
             no generator.
         broadcast: copy rank 0's parameters and buffers to every rank at wrap time.
+        estimator, chunk, fold_input: passed to the inner :class:`spar.nn.MonteCarlo`
+            (set every Bayesian layer's estimator; run the local samples in chunks; give the
+            model the folded copy of its input instead of the shared ``(B_local, ...)``).
 
     Attributes:
         module: the inner :class:`spar.nn.MonteCarlo` (``state_dict`` keys start with
@@ -89,6 +95,9 @@ class SampleParallel(nn.Module):
         find_unused_parameters: bool = False,
         broadcast: bool = True,
         timeout: float | datetime.timedelta | None = None,
+        estimator: str | None = None,
+        chunk: int | str | None = None,
+        fold_input: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -145,7 +154,13 @@ class SampleParallel(nn.Module):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # we warned about it above
             self.module = MonteCarlo(
-                model, self.local_samples, seed=seed, first_sample=self.first_sample
+                model,
+                self.local_samples,
+                seed=seed,
+                first_sample=self.first_sample,
+                estimator=estimator,
+                chunk=chunk,
+                fold_input=fold_input,
             )
         self.reducer: Reducer | None = None
         if grid.world_size > 1:
@@ -219,13 +234,28 @@ class SampleParallel(nn.Module):
     def predict(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """The full predictive: all S samples, gathered over the sample group.
 
+        Prediction never changes training state: it runs in eval mode (the noise of the
+        current step, which the next training step will also draw; BatchNorm reads its
+        running statistics and does not update them; dropout is off) and restores every
+        module's train/eval flag afterwards, so the step counter, the running statistics
+        and the noise of every later training step are as if it had not been called.
+
         Args:
             x: ``(B_local, ...)``.
 
         Returns:
             ``(S, B_local, ...)`` on every rank of the sample group, samples in global order.
         """
-        return all_gather_samples(self(x, *args, **kwargs), self.grid.sample_group)
+        flags = [(m, m.training) for m in self.modules()]
+        data_offset = self.module.data_offset
+        self.eval()
+        try:
+            out = self(x, *args, **kwargs)
+        finally:
+            for m, training in flags:
+                m.training = training
+            self.module.data_offset = data_offset
+        return all_gather_samples(out, self.grid.sample_group)
 
     def extra_repr(self) -> str:
         return (

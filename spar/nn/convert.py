@@ -7,7 +7,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from spar.nn.layers import BayesConv1d, BayesConv2d, BayesConv3d, BayesLinear, assign_noise_names
+from spar.nn.layers import (
+    BayesConv1d,
+    BayesConv2d,
+    BayesConv3d,
+    BayesLinear,
+    _check_estimator,
+    _check_init_sigma,
+    assign_noise_names,
+)
 from spar.nn.prior import GaussianPrior, PriorSpec
 
 _CONV = {nn.Conv1d: BayesConv1d, nn.Conv2d: BayesConv2d, nn.Conv3d: BayesConv3d}
@@ -17,11 +25,15 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
     return any(name == s or name.startswith(s + ".") for s in skip)
 
 
-def _convert(name: str, m: nn.Module, prior: PriorSpec, init_sigma: float) -> nn.Module:
+def _convert(
+    name: str, m: nn.Module, prior: PriorSpec, init_sigma: float, estimator: str
+) -> nn.Module:
     layer_prior = (
         prior(name, m) if callable(prior) and not isinstance(prior, GaussianPrior) else prior
     )
-    common = dict(prior=layer_prior, init_sigma=init_sigma, device=m.weight.device)
+    common = dict(
+        prior=layer_prior, init_sigma=init_sigma, estimator=estimator, device=m.weight.device
+    )
     if type(m) is nn.Linear:
         new = BayesLinear(m.in_features, m.out_features, m.bias is not None, **common)
     else:
@@ -43,6 +55,7 @@ def bayesianize(
     *,
     prior: PriorSpec = None,
     init_sigma: float = 1e-2,
+    estimator: str = "reparam",
     skip: Iterable[str] = (),
 ) -> nn.Module:
     """Replace every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` of ``model`` in place by its
@@ -52,11 +65,18 @@ def bayesianize(
     prior: a :class:`GaussianPrior` for all layers, or ``f(qualified_name, module)``
         returning a prior (or a ``{"weight": ..., "bias": ...}`` dict) per layer, e.g.
         :func:`spar.nn.pretrained_prior`. Default ``N(0, 1)``.
+    estimator: the gradient estimator of every new layer: ``"reparam"``, ``"lrt"`` (local
+        reparameterisation) or ``"flipout"``; :class:`spar.nn.MonteCarlo` can change it
+        later (``estimator=``), as can each layer's ``estimator`` attribute.
     skip: qualified names of modules to leave deterministic (a name skips its children).
 
     Subclasses of Linear/Conv are left alone (their forward may do more than the base
     layer). Returns ``model`` (replaced when ``model`` itself is a Linear or Conv).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_init_sigma(init_sigma)
+    _check_estimator(estimator)
     if isinstance(skip, str):
         skip = (skip,)
     skip = tuple(skip)
@@ -67,7 +87,7 @@ def bayesianize(
     targets = (nn.Linear, *_CONV)
     if type(model) in targets:
         _check_finite(type(model).__name__, model)
-        new = _convert("", model, prior, init_sigma)
+        new = _convert("", model, prior, init_sigma, estimator)
         assign_noise_names(new)
         return new
     todo = []
@@ -80,7 +100,7 @@ def bayesianize(
     for _, _, full, child in todo:
         _check_finite(full, child)
     for module, child_name, full, child in todo:
-        setattr(module, child_name, _convert(full, child, prior, init_sigma))
+        setattr(module, child_name, _convert(full, child, prior, init_sigma, estimator))
     assign_noise_names(model)
     return model
 

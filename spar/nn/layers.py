@@ -3,17 +3,29 @@
 Each parameter ``p`` has a posterior ``N(p_mu, softplus(p_rho)^2)``. A layer reads the
 number of samples ``S`` and the noise key from the active :func:`spar.sampling` context,
 takes the folded input ``(S*B, ...)`` and returns ``(S*B, ...)`` (a tensor, never a
-tuple; the KL term is :meth:`BayesModule.kl` / :func:`spar.nn.kl_divergence`).
+tuple; the KL term is :meth:`BayesModule.kl` / :func:`spar.nn.kl_divergence`). When the
+context carries a per-sample ``batch_size`` B (:class:`spar.nn.MonteCarlo` sets it), an
+input of exactly B rows is shared by all S samples: the op runs with ``shared_input=True``
+(the GEMMs of ``lrt``/``flipout`` run on B rows) and the output is folded ``(S*B, ...)``.
+
+Noise names. A layer's noise is a function of the sampling key and of its
+:attr:`~BayesModule.noise_name` only. :class:`spar.nn.MonteCarlo`, :func:`spar.nn.bayesianize`,
+``SampleParallel`` and :func:`assign_noise_names` set it to the layer's qualified name in
+the model, so distinct layers draw independent noise. A layer nobody named uses the fixed
+name ``""`` (the name :func:`assign_noise_names` gives a bare layer), whatever was built
+before it; two *different* unnamed layers running in one sampling context would therefore
+draw the same noise, and the second one raises a ``ValueError`` that says how to name them.
 
 Outside any sampling context a layer draws one sample (``S = 1``) with seed 0 and a
 per-layer call counter as the step, so plain ``model(x)`` stays stochastic and
-reproducible; use :class:`spar.nn.MonteCarlo` for real work.
+reproducible; use :class:`spar.nn.MonteCarlo` for real work (there is no shared context
+to check names in, so unnamed layers of one model are correlated there).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +33,10 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _ntuple, _reverse_repeat_tuple
 
 from spar import ops, rng
-from spar.nn.prior import GaussianPrior, gaussian_kl
+from spar.nn.prior import GaussianPrior, gaussian_kl, inverse_sigma
 from spar.nn.sampling import SamplingState, current_sampling
-from spar.ops.reference import inverse_sigma
 
 ESTIMATORS = ("reparam", "lrt", "flipout")
-_anonymous = itertools.count()
 
 
 def _check_init_sigma(init_sigma: float) -> float:
@@ -52,8 +62,11 @@ class BayesModule(nn.Module):
     def _init_bayes(self, prior, init_sigma: float, estimator: str) -> None:
         self.init_sigma = _check_init_sigma(init_sigma)
         self._estimator = _check_estimator(estimator)
-        # set from the qualified name by MonteCarlo / bayesianize / SampleParallel
-        self.noise_name = f"_anonymous{next(_anonymous)}"
+        # set from the qualified name by MonteCarlo / bayesianize / SampleParallel; until
+        # then a fixed name, so the noise never depends on what was built before the layer
+        self._named = False
+        self._noise_name = ""
+        self._id_kw = self._compute_ids()
         # the step outside any sampling context: a CPU tensor (not a buffer, not in
         # state_dict), so that a compiled layer reads it as data
         self._calls = torch.zeros((), dtype=torch.int64)
@@ -70,12 +83,17 @@ class BayesModule(nn.Module):
 
     @property
     def noise_name(self) -> str:
-        """The name the noise key's parameter ids derive from (the qualified name)."""
+        """The name the noise key's parameter ids derive from: the qualified name in the
+        model (set by :class:`~spar.nn.MonteCarlo`, :func:`~spar.nn.bayesianize`,
+        ``SampleParallel`` or :func:`assign_noise_names`), ``""`` until it is set."""
         return self._noise_name
 
     @noise_name.setter
     def noise_name(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"noise_name must be a str, got {type(value).__name__}")
         self._noise_name = value
+        self._named = True
         self._id_kw = self._compute_ids()
 
     def _set_priors(self, prior) -> None:
@@ -148,21 +166,46 @@ class BayesModule(nn.Module):
         is set (hashing strings is not traceable by torch.compile)."""
         return self._id_kw
 
-    def _key(self, x: Tensor) -> rng.NoiseKey:
+    def _key(self, x: Tensor) -> tuple[rng.NoiseKey, bool]:
+        """The noise key of this call and whether ``x`` is a shared (un-expanded) input."""
         state = self._state()
-        if x.dim() == 0 or x.shape[0] % state.num_samples != 0:
-            raise ValueError(
-                f"input's leading dimension ({x.shape[0] if x.dim() else 'scalar'}) must be "
-                f"divisible by num_samples={state.num_samples}: Bayesian layers take the "
-                "folded (S*B, ...) batch"
+        if not self._named and not torch.compiler.is_compiling():
+            self._claim_unnamed(state)
+        S, B = state.num_samples, state.batch_size
+        rows = x.shape[0] if x.dim() else None
+        shared = S > 1 and B is not None and rows == B
+        if not shared and (rows is None or rows % S != 0):
+            msg = (
+                f"input's leading dimension ({'scalar' if rows is None else rows}) must be "
+                f"divisible by num_samples={S}: Bayesian layers take the folded (S*B, ...) batch"
             )
-        return rng.NoiseKey(
+            if B is not None:
+                msg += (
+                    f", or the B={B} rows of the input shared by all samples; if the model "
+                    "changes the batch axis before this layer, use "
+                    "MonteCarlo(..., fold_input=True)"
+                )
+            raise ValueError(msg)
+        key = rng.NoiseKey(
             state.seed,
             state.step_tensor,
             state.first_sample,
             state.num_samples,
             state.data_offset,
         )
+        return key, shared
+
+    def _claim_unnamed(self, state: SamplingState) -> None:
+        unnamed = state.unnamed
+        unnamed.add(id(self))
+        if len(unnamed) > 1:
+            raise ValueError(
+                f"two different unnamed Bayesian layers ran in one sampling context (this one: "
+                f"{type(self).__name__}); they would draw the same noise. Name them after "
+                "their place in the model: wrap it in spar.nn.MonteCarlo, convert it with "
+                "spar.nn.bayesianize, or call spar.nn.assign_noise_names(model) once (or set "
+                "each layer's noise_name)"
+            )
 
     def _bias(self) -> tuple[Tensor | None, Tensor | None]:
         if "bias" in self.bayes_names:
@@ -174,7 +217,8 @@ class BayesModule(nn.Module):
 
 
 class BayesLinear(BayesModule):
-    """Bayesian ``nn.Linear``: x ``(S*B, in_features)`` -> ``(S*B, out_features)``."""
+    """Bayesian ``nn.Linear``: x ``(S*B, in_features)`` -> ``(S*B, out_features)``; inside
+    :class:`~spar.nn.MonteCarlo` also a shared ``(B, in_features)`` (see the module doc)."""
 
     def __init__(
         self,
@@ -213,10 +257,10 @@ class BayesLinear(BayesModule):
                 f"BayesLinear expects input of shape (S*B, {self.in_features}), got "
                 f"{tuple(x.shape)}"
             )
-        key = self._key(x)
+        key, shared = self._key(x)
         return ops.bayes_linear(
             x, self.weight_mu, self.weight_rho, *self._bias(), key,
-            estimator=self.estimator, **self._ids(),
+            estimator=self.estimator, shared_input=shared, **self._ids(),
         )  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -307,14 +351,16 @@ class _BayesConvNd(BayesModule):
                 f"{type(self).__name__} expects input of shape (S*B, {self.in_channels}, "
                 f"{d} spatial dims), got {tuple(x.shape)}"
             )
-        key = self._key(x)
+        key, shared = self._key(x)
         if self._pre_pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._pre_pad, mode=mode)
+        # shared_input only when set: folded calls keep working with any op version
+        extra = {"shared_input": True} if shared else {}
         return ops.bayes_conv(
             x, self.weight_mu, self.weight_rho, *self._bias(), key,
             stride=self.stride, padding=self._op_padding, dilation=self.dilation,
-            groups=self.groups, estimator=self.estimator, **self._ids(),
+            groups=self.groups, estimator=self.estimator, **extra, **self._ids(),
         )  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -348,20 +394,33 @@ def is_bayesian(module: nn.Module) -> bool:
 
 
 def kl_divergence(model: nn.Module) -> Tensor:
-    """Closed-form KL of the posterior to the prior, summed over all Bayesian layers."""
+    """Closed-form KL of the posterior to the prior, summed over all Bayesian layers.
+
+    A model without Bayesian layers gets a ``UserWarning`` (its ELBO would silently be a
+    plain likelihood) and a zero tensor on the device of its parameters.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     total = None
     for m in model.modules():
         if isinstance(m, BayesModule):
             total = m.kl() if total is None else total + m.kl()
     if total is None:
+        warnings.warn(
+            "kl_divergence of a model without Bayesian layers is 0 (use spar.nn.bayesianize "
+            "or spar.nn.Bayes* layers)",
+            UserWarning,
+            stacklevel=2,
+        )
         p = next(model.parameters(), None)
         return torch.zeros((), device=None if p is None else p.device)
     return total
 
 
 def assign_noise_names(model: nn.Module, prefix: str = "") -> None:
-    """Name every Bayesian layer's noise stream after its qualified name, so the noise key's
-    ``param_id`` is stable across processes and runs."""
+    """Name every Bayesian layer's noise stream after its qualified name (``prefix`` + the
+    name in ``model``; a bare layer gets ``prefix``), so the noise key's ``param_id`` is
+    stable across processes and runs and distinct layers draw independent noise."""
     for name, m in model.named_modules(prefix=prefix):
         if isinstance(m, BayesModule):
             m.noise_name = name

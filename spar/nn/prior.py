@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -69,3 +70,24 @@ def gaussian_kl(mu: Tensor, sigma: Tensor, prior_mean: Tensor, prior_std: Tensor
     mean_term = ((mu - prior_mean) / prior_std).square()
     kl = 0.5 * (var_ratio + mean_term - 1.0) - torch.log(sigma / prior_std)
     return kl.sum()
+
+
+def inverse_sigma(sigma: float | Tensor) -> float | Tensor:
+    """The ``rho`` with ``softplus(rho) == sigma`` (``sigma > 0``): the layers' posterior std
+    is ``softplus(rho)``, so this is how ``init_sigma`` becomes the initial ``rho``.
+
+    ``rho = sigma + log(1 - exp(-sigma))``, written with ``expm1`` so that it is accurate
+    for tiny ``sigma`` (``rho ~ log(sigma)``) and large ``sigma`` (``rho ~ sigma``). A float
+    gives a float; a tensor gives a float64 tensor.
+    """
+    if isinstance(sigma, Tensor):
+        s = sigma.detach().to(torch.float64)
+        if not bool(torch.all(s > 0)):
+            raise ValueError("sigma must be > 0")
+        return s + torch.log(-torch.expm1(-s))
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+        raise TypeError(f"sigma must be a float or a Tensor, got {type(sigma).__name__}")
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    s = float(sigma)
+    return s + math.log(-math.expm1(-s))

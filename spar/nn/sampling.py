@@ -11,6 +11,13 @@ that one process evaluating ``[0, 8)`` draws for those samples. ``data_offset`` 
 global index of the first example of the local batch; estimators with per-example noise
 (``lrt``, ``flipout``) key that noise by the global example index.
 
+Shared input: ``batch_size`` (``B``, optional) is the per-sample batch size. When it is set,
+a Bayesian layer whose input has ``B`` rows (not ``S*B``) treats it as one batch shared by
+all ``S`` samples (the op's ``shared_input``) and returns the folded ``(S*B, ...)`` output.
+:class:`spar.nn.MonteCarlo` sets it and passes the model its un-expanded ``(B, ...)`` input,
+so the first Bayesian layer's GEMMs run on ``B`` rows and the folded copy of the input is
+never made. With ``batch_size=None`` (the default) every input must be folded.
+
 The step reaches the ops as data: the state keeps it as a 0-d int64 CPU tensor
 (``step_tensor``, its own copy), which the ops read when they run. A model compiled with
 ``torch.compile`` is therefore not recompiled when the step changes, whether the step comes
@@ -38,14 +45,19 @@ class SamplingState:
     """The active sampling context. ``step`` is an int, or a one-element integer tensor
     (:class:`spar.nn.MonteCarlo` passes its step buffer; the value is not range-checked,
     it is taken modulo ``2**32`` as the counter); ``step_tensor`` is the state's own 0-d
-    int64 CPU copy of it, the step the ops read."""
+    int64 CPU copy of it, the step the ops read. ``batch_size`` is the per-sample batch
+    size ``B`` of a shared (un-expanded) input, or ``None`` (see the module docstring)."""
 
     num_samples: int
     seed: int
     step: int | Tensor
     first_sample: int = 0
     data_offset: int = 0
+    batch_size: int | None = None
     step_tensor: Tensor = field(init=False, repr=False, compare=False)
+    # ids of the unnamed Bayesian layers that ran in this context (eager mode only): two
+    # different ones would draw the same noise, see BayesModule.noise_name
+    unnamed: set = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "first_sample", "data_offset"):
@@ -54,6 +66,14 @@ class SamplingState:
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.batch_size is not None and (
+            isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
+        ):
+            raise TypeError(
+                f"batch_size must be an int or None, got {type(self.batch_size).__name__}"
+            )
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         check_seed(self.seed)
         step = self.step
         if isinstance(step, Tensor):
@@ -71,6 +91,7 @@ class SamplingState:
                 raise ValueError(f"step must be in [0, 2**32), got {step}")
             step_t = torch.tensor(step, dtype=torch.int64)
         object.__setattr__(self, "step_tensor", step_t)
+        object.__setattr__(self, "unnamed", set())
         if self.first_sample < 0 or self.first_sample + self.num_samples > _MAX_U32:
             raise ValueError(
                 f"first_sample must be >= 0 with first_sample + num_samples <= 2**32, got "
@@ -104,15 +125,18 @@ def sampling(
     step: int | Tensor,
     first_sample: int = 0,
     data_offset: int = 0,
+    batch_size: int | None = None,
 ) -> Iterator[SamplingState]:
     """Make Bayesian layers draw ``num_samples`` samples, global indices
     ``[first_sample, first_sample + num_samples)``, at training step ``step``.
 
     Inputs of Bayesian layers inside the context must have a leading dimension divisible
-    by ``num_samples`` (the folded ``(S*B, ...)`` convention). ``step`` may also be a
-    one-element integer tensor (see :class:`SamplingState`).
+    by ``num_samples`` (the folded ``(S*B, ...)`` convention), or, when ``batch_size`` is
+    given, exactly ``batch_size`` rows: an input shared by all samples (see the module
+    docstring). ``step`` may also be a one-element integer tensor (see
+    :class:`SamplingState`).
     """
-    state = SamplingState(num_samples, seed, step, first_sample, data_offset)
+    state = SamplingState(num_samples, seed, step, first_sample, data_offset, batch_size)
     stack = _local.stack
     stack.append(state)
     try:

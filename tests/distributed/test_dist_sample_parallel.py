@@ -9,6 +9,7 @@ three estimators, so per-example noise (keyed by the global example index throug
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -111,6 +112,87 @@ def _augment_seeds(grid) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- predict
+
+
+def _bn_dropout_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        snn.BayesLinear(6, 16, init_sigma=0.2),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        snn.BayesLinear(16, 3, init_sigma=0.2, estimator="flipout"),
+    )
+
+
+def _train_steps(sp, x, steps=2) -> list[torch.Tensor]:
+    outs = []
+    for k in range(steps):
+        torch.manual_seed(100 + k)  # the same dropout masks in both runs
+        outs.append(sp(x).detach())
+    return outs
+
+
+def _predict_keeps_training_state(grid) -> dict:
+    """Predict in training mode between training steps: the run must equal one that never
+    predicted (step counter, BatchNorm running stats, train/eval flags, later noise)."""
+    x = torch.randn(B, 6, generator=torch.Generator().manual_seed(3))
+    ref = sd.SampleParallel(_bn_dropout_mlp(), S, grid, seed=SEED)
+    sp = sd.SampleParallel(_bn_dropout_mlp(), S, grid, seed=SEED)
+    sp.model[4].eval()  # a submodule's own flag must survive too
+    ref.model[4].eval()
+    want = _train_steps(ref, x, 1)
+    got = _train_steps(sp, x, 1)
+    buffers = {n: b.clone() for n, b in sp.named_buffers()}
+    flags = [m.training for m in sp.modules()]
+    # the eval-mode predictive of the current step, from a copy in eval mode
+    ev = sd.SampleParallel(_bn_dropout_mlp(), S, grid, seed=SEED)
+    ev.load_state_dict(sp.state_dict())
+    ev.eval()
+    pred = sp.predict(x)
+    res = {
+        "step_before_after": (1, sp.step),
+        "flags_kept": flags == [m.training for m in sp.modules()],
+        "buffers_kept": all(torch.equal(b, buffers[n]) for n, b in sp.named_buffers()),
+    }
+    want += _train_steps(ref, x, 1)
+    got += _train_steps(sp, x, 1)
+    res["later_steps_equal"] = all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    res["predict_is_eval"] = torch.equal(pred, ev.predict(x)) and pred.shape == (S, B, 3)
+    res["eval_flag_kept"] = not ev.training and ev.step == 1 and sp.step == 2
+    return res
+
+
+def _check_predict(res: dict) -> None:
+    assert res["step_before_after"] == (1, 1)
+    assert res["flags_kept"] and res["buffers_kept"] and res["eval_flag_kept"]
+    assert res["later_steps_equal"] and res["predict_is_eval"]
+
+
+def test_predict_keeps_training_state_one_process(monkeypatch):
+    for k in list(os.environ):
+        if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") or k.startswith("SLURM_"):
+            monkeypatch.delenv(k)
+    _check_predict(_predict_keeps_training_state(sd.make_grid()))
+
+
+def test_sample_parallel_passes_estimator_chunk_and_fold_input(monkeypatch):
+    for k in list(os.environ):
+        if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") or k.startswith("SLURM_"):
+            monkeypatch.delenv(k)
+    x = torch.randn(B, 6)
+    sp = sd.SampleParallel(_bayes_mlp(), S, seed=SEED, estimator="lrt", chunk=3)
+    assert sp.module.chunk == 3 and not sp.module.fold_input
+    assert {m.estimator for m in sp.model.modules() if snn.is_bayesian(m)} == {"lrt"}
+    ref = snn.MonteCarlo(_bayes_mlp(), S, seed=SEED, estimator="lrt", fold_input=True)
+    torch.testing.assert_close(sp(x), ref(x), rtol=1e-5, atol=1e-6)
+    folded = sd.SampleParallel(_bayes_mlp(), S, seed=SEED, fold_input=True)
+    assert folded.module.fold_input and folded.module.chunk is None
+    with pytest.raises(ValueError, match="chunk must be"):
+        sd.SampleParallel(_bayes_mlp(), S, chunk=0)
+
+
 # ----------------------------------------------------------------------------- 2 ranks
 
 
@@ -144,6 +226,7 @@ def two_rank_job(ctx: dict) -> dict:
         plain = sd.SampleParallel(nn.Linear(6, 3), 2, grid)
     res["plain_warnings"] = [str(w.message) for w in caught]
     res["plain_out"] = tuple(plain(torch.randn(5, 6)).shape)
+    res["predict_state"] = _predict_keeps_training_state(grid)
     sd.shutdown()
     return res
 
@@ -166,6 +249,7 @@ def test_two_ranks_grid_invariance_and_bad_input(run_workers, monkeypatch):
         assert "sample=2 x data=2 = 4 does not match the world size 2" in res["init_axes"]
         assert any("without Bayesian layers" in w for w in res["plain_warnings"])
         assert res["plain_out"] == (1, 5, 3)
+        _check_predict(res["predict_state"])
 
 
 # ----------------------------------------------------------------------------- 4 ranks

@@ -24,7 +24,9 @@ class SmallCNN(nn.Module):
 
     def forward(self, x):
         h = self.features(x)
-        h = self.seq(h.flatten(2))[..., :12].reshape(x.shape[0], 8, 4, 3)
+        # h.shape[0], not x.shape[0]: MonteCarlo passes x un-expanded (B rows) and h is
+        # the folded (S*B) activation after the Bayesian layers
+        h = self.seq(h.flatten(2))[..., :12].reshape(h.shape[0], 8, 4, 3)
         return self.head(h)
 
 
@@ -86,3 +88,24 @@ def test_non_finite_weights_are_refused():
     with pytest.raises(ValueError, match=r"2\.weight has non-finite values"):
         bayesianize(model)
     assert type(model[0]) is nn.Linear  # nothing was replaced
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "lrt", "flipout"])
+def test_bayesianize_sets_the_estimator(estimator):
+    torch.manual_seed(0)
+    model = bayesianize(SmallCNN(), estimator=estimator, init_sigma=0.05)
+    layers = [m for m in model.modules() if isinstance(m, spar.nn.BayesModule)]
+    assert len(layers) == 5 and {m.estimator for m in layers} == {estimator}
+    assert bayesianize(nn.Linear(2, 2), estimator=estimator).estimator == estimator
+    assert MonteCarlo(model, 2)(torch.randn(3, 1, 8, 8)).shape == (2, 3, 3)
+
+
+def test_bayesianize_refuses_bad_arguments_before_changing_anything():
+    model = SmallCNN()
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        bayesianize(model, estimator="mcdropout")
+    with pytest.raises(ValueError, match="init_sigma"):
+        bayesianize(model, init_sigma=0.0)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        bayesianize("resnet18")
+    assert not any(isinstance(m, spar.nn.BayesModule) for m in model.modules())

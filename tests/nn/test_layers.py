@@ -227,7 +227,8 @@ def test_kl_divergence_sums_layers_and_tensor_prior():
     net = torch.nn.Sequential(BayesLinear(3, 4), torch.nn.ReLU(), BayesLinear(4, 2))
     total = spar.nn.kl_divergence(net)
     torch.testing.assert_close(total, net[0].kl() + net[2].kl())
-    assert spar.nn.kl_divergence(torch.nn.Linear(2, 2)).item() == 0.0
+    with pytest.warns(UserWarning, match="without Bayesian layers"):
+        assert spar.nn.kl_divergence(torch.nn.Linear(2, 2)).item() == 0.0
     mean = torch.randn(2, 3)
     layer = BayesLinear(3, 2, prior={"weight": spar.nn.GaussianPrior(mean, 1.0)})
     with torch.no_grad():
@@ -311,6 +312,7 @@ def test_low_precision_inputs_keep_fp32_parameters(estimator, dtype):
     torch.manual_seed(8)
     lin = BayesLinear(16, 8, init_sigma=0.1, estimator=estimator)
     conv = BayesConv2d(2, 4, 3, padding=1, init_sigma=0.1, estimator=estimator)
+    lin.noise_name, conv.noise_name = "lin", "conv"  # two layers in one context: named
     x, z = torch.randn(6, 16), torch.randn(6, 2, 5, 5)
     results = {}
     for dt in (torch.float32, dtype):
@@ -330,3 +332,39 @@ def test_low_precision_inputs_keep_fp32_parameters(estimator, dtype):
     for lo, hi in zip(results[dtype], results[torch.float32], strict=True):
         # half precision keeps ~3 significant digits; compare relative to the tensor's scale
         assert (lo - hi).abs().max() <= 3e-2 * hi.abs().max() + 1e-3
+
+
+def test_inverse_sigma_lives_in_nn():
+    from spar.nn.prior import inverse_sigma
+
+    s = torch.tensor([1e-8, 1e-2, 1.0, 50.0], dtype=torch.float64)
+    torch.testing.assert_close(F.softplus(inverse_sigma(s)), s, rtol=1e-12, atol=0)
+    torch.testing.assert_close(inverse_sigma(s), R.inverse_sigma(s))
+    for v in (1e-6, 0.01, 3.0, 80.0):
+        assert abs(float(F.softplus(torch.tensor(inverse_sigma(v), dtype=torch.float64))) - v) <= (
+            1e-12 * v
+        )
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        inverse_sigma(0.0)
+    with pytest.raises(TypeError, match="sigma must be a float"):
+        inverse_sigma("1")
+    layer = BayesLinear(3, 2, init_sigma=0.03)
+    torch.testing.assert_close(layer.sigma("bias"), torch.full((2,), 0.03))
+
+
+def test_nn_takes_nothing_from_the_reference_ops():
+    """spar.ops.reference is the test truth: the layers must not share code with it."""
+    import ast
+    import pathlib
+
+    import spar.nn
+
+    for path in pathlib.Path(spar.nn.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any("reference" in n for n in names), f"{path.name} imports {names}"

@@ -97,3 +97,26 @@ def test_errors_and_warning():
         MonteCarlo(nn.Linear(2, 2), 2)
     with pytest.raises(ValueError, match="folded batch"):
         MonteCarlo(nn.Sequential(BayesLinear(2, 2), nn.Flatten(0)), 2)(torch.randn(3, 2))
+
+
+def test_estimator_override():
+    model = _model()
+    MonteCarlo(model, 2)  # None: left as it is
+    assert [m.estimator for m in (model[0], model[2])] == ["reparam", "reparam"]
+    ids = model[2]._ids()
+    mc = MonteCarlo(model, 2, estimator="flipout")
+    assert [m.estimator for m in (model[0], model[2])] == ["flipout", "flipout"]
+    assert model[2].noise_name == "2" and model[2]._ids()["weight_id"] == ids["weight_id"]
+    assert mc(torch.randn(3, 5)).shape == (2, 3, 3)
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        MonteCarlo(model, 2, estimator="vmap")
+    assert model[0].estimator == "flipout"  # a refused wrapper changed nothing
+
+
+def test_argument_types():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        MonteCarlo(lambda x: x, 2)
+    with pytest.raises(ValueError, match="first_sample"):
+        MonteCarlo(_model(), 2, first_sample=-1)
+    with pytest.raises(TypeError, match="batched tensor"):
+        MonteCarlo(_model(), 2)(torch.tensor(1.0))

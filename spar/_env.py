@@ -2,23 +2,23 @@
 
 Each accessor reads its variable when called (tests and users may change the environment
 between calls) and raises ``ValueError`` naming the variable and its valid values for
-anything else. Boolean-like switches accept ``auto`` (where it exists), ``1/true/on/yes``
-and ``0/false/off/no``, case-insensitively; nothing else.
+anything else (values are case-insensitive; unset or empty means the default).
 
-| variable | values (default first) | read by |
-| --- | --- | --- |
-| ``SPAR_BACKEND`` | ``auto``, ``torch``, ``triton``, ``cuda`` | :mod:`spar.ops.dispatch` |
-| ``SPAR_LINEAR_PATH`` | ``auto``, ``fused``, ``chunked`` | the Triton linear primitive |
-| ``SPAR_CHUNK_NUMEL`` | weight elements per sample chunk, an int >= 1 (``2097152``) | torch backend, Triton chunked path |
-| ``SPAR_RNG_COMPILE`` | ``auto``, on, off | :mod:`spar.rng` (CPU noise loop) |
+* ``SPAR_BACKEND``: ``auto`` (default), ``torch``, ``triton``, ``cuda``; which backend runs
+  each primitive (:mod:`spar.ops.dispatch`).
+* ``SPAR_LINEAR_PATH``: ``auto`` (default), ``fused``, ``chunked``; the Triton linear path.
+* ``SPAR_CHUNK_NUMEL``: an int >= 1 (default 2097152); weight elements per sample chunk
+  that the torch backend and the Triton chunked path materialize (at least one sample).
+* ``SPAR_RNG``: ``auto`` (default), ``native``, ``eager``; the CPU noise generator
+  (:mod:`spar.rng`).
+* ``SPAR_CACHE_DIR``: a folder (default ``$XDG_CACHE_HOME/spar``, else
+  ``~/.cache/spar``) where the native generator is built (:mod:`spar._native`).
 """
 
 from __future__ import annotations
 
 import os
-
-_ON = ("1", "true", "on", "yes")
-_OFF = ("0", "false", "off", "no")
+from pathlib import Path
 
 DEFAULT_CHUNK_NUMEL = 1 << 21
 
@@ -36,19 +36,6 @@ def choice(name: str, choices: tuple[str, ...], default: str) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
     return value
-
-
-def switch(name: str, *, default: str = "auto") -> str:
-    """A tri-state switch: ``"auto"``, ``"on"`` or ``"off"``."""
-    value = _raw(name)
-    if not value or value == "auto":
-        return default
-    if value in _ON:
-        return "on"
-    if value in _OFF:
-        return "off"
-    valid = "auto, " + "/".join(_ON) + ", " + "/".join(_OFF)
-    raise ValueError(f"{name} must be one of {valid}; got {value!r}")
 
 
 def positive_int(name: str, default: int) -> int:
@@ -76,5 +63,13 @@ def chunk_numel() -> int:
     return positive_int("SPAR_CHUNK_NUMEL", DEFAULT_CHUNK_NUMEL)
 
 
-def rng_compile() -> str:
-    return switch("SPAR_RNG_COMPILE")
+def rng() -> str:
+    return choice("SPAR_RNG", ("auto", "native", "eager"), "auto")
+
+
+def cache_dir() -> Path:
+    value = os.environ.get("SPAR_CACHE_DIR", "").strip()
+    if value:
+        return Path(value).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "spar"

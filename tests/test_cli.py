@@ -16,7 +16,7 @@ from spar.train import epoch_timing
 
 def _spar(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("SPAR_RNG_COMPILE", None)  # the user's default: the compiled noise loop
+    env.pop("SPAR_RNG", None)  # the user's default generator
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     return subprocess.run(

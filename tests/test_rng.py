@@ -74,10 +74,10 @@ def test_normal_conversion_matches_triton_randn4x():
     torch.testing.assert_close(out, ref, rtol=0, atol=4e-6)
 
 
-@pytest.mark.parametrize("compiled", ["0", "1"])
-def test_layout_is_written_contract(monkeypatch, compiled):
+@pytest.mark.parametrize("mode", ["eager", "auto"])
+def test_layout_is_written_contract(monkeypatch, mode):
     """Element (row, col) of sample s is lane col % 4 of Philox(col // 4, row, s, step)."""
-    monkeypatch.setenv("SPAR_RNG_COMPILE", compiled)
+    monkeypatch.setenv("SPAR_RNG", mode)
     seed, step, pid = 11, 123, rng.param_id("w")
     eps = rng.normal(seed, step, pid, 5, 2, (3, 10))  # samples 5, 6
     for s in (0, 1):
@@ -100,15 +100,17 @@ def test_same_key_same_noise_and_each_part_matters():
     assert not torch.isclose(shifted[1], ref[0]).any()
 
 
-def test_noise_independent_of_chunking(monkeypatch):
-    monkeypatch.setenv("SPAR_RNG_COMPILE", "0")  # the eager generator works in chunks
+@pytest.mark.parametrize("mode", ["eager", "auto"])
+def test_noise_independent_of_chunking(monkeypatch, mode):
+    monkeypatch.setenv("SPAR_RNG", mode)
     full = rng.normal(5, 6, 7, 0, 9, (33, 21))
     # split over samples as ranks would
     parts = torch.cat([rng.normal(5, 6, 7, lo, n, (33, 21)) for lo, n in ((0, 4), (4, 1), (5, 4))])
     assert torch.equal(full, parts)
-    # tiny internal chunks exercise the row/column/sample chunk loops
+    # tiny internal chunks exercise the eager row/column/sample chunk loops
+    monkeypatch.setenv("SPAR_RNG", "eager")
     monkeypatch.setattr(rng, "_CHUNK_COUNTERS", 3)
-    assert torch.equal(full, rng.normal(5, 6, 7, 0, 9, (33, 21)))
+    torch.testing.assert_close(full, rng.normal(5, 6, 7, 0, 9, (33, 21)), rtol=0, atol=2e-6)
 
 
 def test_rows_offset_for_per_example_noise():
@@ -118,12 +120,14 @@ def test_rows_offset_for_per_example_noise():
 
 
 @pytest.mark.parametrize("shape", [(50, 30), (7, 3, 2), (5,), (1, 1)])
-def test_compiled_and_eager_agree(monkeypatch, shape):
+def test_default_and_eager_agree(monkeypatch, shape):
+    """The default CPU generator (native where it builds) draws the eager generator's noise,
+    to a few ulp; tests/test_native.py tests the native one in depth."""
     mu, sig = torch.randn(shape), torch.rand(shape) + 0.1
-    monkeypatch.setenv("SPAR_RNG_COMPILE", "1")
+    monkeypatch.setenv("SPAR_RNG", "auto")
     a = rng.normal(3, 4, 5, 2, 3, shape)
     w_a = rng.sample(3, 4, 5, 2, 3, mu, sig)
-    monkeypatch.setenv("SPAR_RNG_COMPILE", "0")
+    monkeypatch.setenv("SPAR_RNG", "eager")
     b = rng.normal(3, 4, 5, 2, 3, shape)
     w_b = rng.sample(3, 4, 5, 2, 3, mu, sig)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
@@ -151,3 +155,25 @@ def test_param_id_and_seed_checks():
         rng.check_seed(2**32)
     with pytest.raises(TypeError, match="seed"):
         rng.check_seed(1.5)
+
+
+@pytest.mark.parametrize("mode", ["eager", "auto"])
+def test_out_workspaces(monkeypatch, mode):
+    monkeypatch.setenv("SPAR_RNG", mode)
+    mu, sig = torch.randn(6, 3, 2), torch.rand(6, 3, 2)
+    ws = torch.full((4, 6, 3, 2), float("nan"))
+    w = rng.sample(1, 2, 3, 0, 4, mu, sig, out=ws)
+    assert w.data_ptr() == ws.data_ptr() and torch.equal(ws, rng.sample(1, 2, 3, 0, 4, mu, sig))
+    eps = torch.empty(2, 6, 3, 2)
+    key = rng.NoiseKey(1, 2, 0, 4)
+    assert torch.equal(key.normal(3, (6, 3, 2), samples=(2, 4), out=eps), eps)
+    assert torch.equal(eps, rng.normal(1, 2, 3, 2, 2, (6, 3, 2)))
+    w64 = torch.empty(4, 6, 3, 2, dtype=torch.float64)
+    key.sample(3, mu, sig, out=w64)
+    torch.testing.assert_close(w64, ws.double())
+    for bad in (torch.empty(4, 6, 6), torch.empty(4, 6, 3, 2, dtype=torch.float16),
+                torch.empty(4, 6, 2, 3).transpose(2, 3)):  # fmt: skip
+        with pytest.raises(ValueError, match="out must be"):
+            rng.sample(1, 2, 3, 0, 4, mu, sig, out=bad, dtype=torch.float32)
+    with pytest.raises(ValueError, match="out must be"):
+        rng.normal(1, 2, 3, 0, 4, (6, 3, 2), out=torch.empty(4, 6, 3, 2, dtype=torch.float64))

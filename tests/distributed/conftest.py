@@ -75,7 +75,7 @@ def _run(
     base = {
         k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith("SLURM_")
     }
-    base.update(OMP_NUM_THREADS="1", SPAR_RNG_COMPILE="0", PYTHONUNBUFFERED="1")
+    base.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     procs = []
     for rank in range(world):
         env = dict(base)

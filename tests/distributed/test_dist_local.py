@@ -23,7 +23,6 @@ def clean_env(monkeypatch):
     for k in list(os.environ):
         if k in _LAUNCH or k.startswith("SLURM_"):
             monkeypatch.delenv(k)
-    monkeypatch.setenv("SPAR_RNG_COMPILE", "0")
 
 
 # ----------------------------------------------------------------------------- grid

@@ -232,8 +232,7 @@ def two_rank_job(ctx: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_two_ranks_grid_invariance_and_bad_input(run_workers, monkeypatch):
-    monkeypatch.setenv("SPAR_RNG_COMPILE", "0")  # the workers run the eager generator too
+def test_two_ranks_grid_invariance_and_bad_input(run_workers):
     results = run_workers("two_rank_job", 2, launch="slurm", timeout=150)
     refs = {r: _reference(r) for r in REDUCTIONS}
     torch.testing.assert_close(
@@ -274,8 +273,7 @@ def four_rank_job(ctx: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_four_ranks_grid_invariance_and_augmentation(run_workers, monkeypatch):
-    monkeypatch.setenv("SPAR_RNG_COMPILE", "0")
+def test_four_ranks_grid_invariance_and_augmentation(run_workers):
     results = run_workers("four_rank_job", 4, timeout=200)
     refs = {r: _reference(r) for r in REDUCTIONS}
     for rank, res in enumerate(results):

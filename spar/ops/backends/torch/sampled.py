@@ -35,10 +35,8 @@ def chunks(num_samples: int, numel_per_sample: int) -> Iterator[tuple[int, int]]
 
 def _weights(key: NoiseKey, pid: int, mu: Tensor | None, sig: Tensor, lo: int, hi: int,
              dtype: torch.dtype) -> Tensor:  # fmt: skip
-    """Weights of local samples ``[lo, hi)`` in ``dtype``, formed in the generator's loop."""
-    if mu is None:
-        eps = key.normal(pid, sig.shape, samples=(lo, hi), device=sig.device, dtype=sig.dtype)
-        return (sig * eps).to(dtype)
+    """Weights of local samples ``[lo, hi)`` in ``dtype`` (``mu=None``: zero mean), formed in
+    the generator's loop."""
     return key.sample(pid, mu, sig, samples=(lo, hi), dtype=dtype)
 
 
@@ -49,8 +47,7 @@ def _param_grads(g_w: Tensor, key: NoiseKey, pid: int, lo: int, hi: int, g_mu: T
     if g_mu is not None:
         g_mu += g_w.sum(0)
     if g_eps is not None:
-        eps = key.normal(pid, g_w.shape[1:], samples=(lo, hi), device=g_w.device, dtype=g_w.dtype)
-        g_eps += g_w.mul_(eps).sum(0)  # in place: g_w is not needed any more
+        key.eps_dot(pid, g_w, g_eps, samples=(lo, hi))  # the noise regenerated, not stored
 
 
 def _grad_buffers(rho: Tensor, need_mu: bool, need_rho: bool):

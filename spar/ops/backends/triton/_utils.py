@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spar.rng import MASK32
+from spar.rng import MASK32, PARAM_ID_MASK
 
 # ---------------------------------------------------------------------------------------
 # device functions
@@ -136,7 +136,7 @@ def as_i32(value: int) -> int:
 
 def philox_key(seed: int, pid: int) -> int:
     """The 64-bit Philox key ``seed | param_id << 32`` (fits int64: param ids are 31 bits)."""
-    return (seed & MASK32) | ((pid & 0x7FFFFFFF) << 32)
+    return (seed & MASK32) | ((pid & PARAM_ID_MASK) << 32)
 
 
 def tl_dtype(dtype: torch.dtype):

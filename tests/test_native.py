@@ -6,9 +6,9 @@ eager fallback without a compiler)."""
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -237,12 +237,23 @@ def test_header_is_usable_from_cpp_and_cuda(lib, tmp_path):
 
 
 def test_one_openmp_runtime_in_the_process(lib):
-    """The library binds to the libgomp torch already loaded: one thread pool."""
-    maps = Path("/proc/self/maps")
-    if not maps.exists() or not lib.openmp:
+    """The library binds to the libgomp torch already loaded: one thread pool. Checked in a
+    fresh process that imports only torch and spar (other packages, scikit-learn for one,
+    bring their own libgomp into the test process)."""
+    if not Path("/proc/self/maps").exists() or not lib.openmp:
         pytest.skip("Linux with an OpenMP build only")
-    gomps = set(re.findall(r"\S*libgomp[^/\s]*\.so[.\d]*", maps.read_text()))
-    assert len(gomps) <= 1, gomps
+    code = (
+        "import json, re, torch\n"
+        "from spar import _native, rng\n"
+        "assert _native.get() is not None, _native.error()\n"
+        "rng.normal(1, 2, 3, 0, 4, (256, 512))\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print(json.dumps(sorted(set(re.findall(r'\\S*libgomp[^/\\s]*\\.so[.\\d]*', maps)))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout  # fmt: skip
+    gomps = json.loads(out.strip().splitlines()[-1])
+    assert len(gomps) == 1, gomps
 
 
 # --- sample and eps_dot against the eager generator ----------------------------------------

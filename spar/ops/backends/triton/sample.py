@@ -154,15 +154,6 @@ def _sample_range(key: NoiseKey, samples: tuple[int, int] | None) -> tuple[int, 
     return lo, hi
 
 
-def as_rows_cols(t: Tensor) -> Tensor:
-    """A parameter as the 2-D ``(rows, cols)`` array of the noise key (vector: one row)."""
-    if t.dim() == 0:
-        return t.reshape(1, 1)
-    if t.dim() == 1:
-        return t.reshape(1, -1)
-    return t.reshape(t.shape[0], -1)
-
-
 def sample_weights(
     mu: Tensor | None,
     sigma: Tensor,

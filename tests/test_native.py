@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from spar import _env, _native, rng
+from tests.test_rng import triton_randn4x
 
 MASK32 = rng.MASK32
 
@@ -124,18 +125,7 @@ def test_normals_within_a_few_ulp_of_torch(lib):
 
 def test_normals_match_triton_randn4x(lib):
     """The native normals against Triton's own conversion (tl.randn4x, interpreter)."""
-    triton = pytest.importorskip("triton")
-    import triton.language as tl
-
-    @triton.jit
-    def kernel(out_ptr, seed, N: tl.constexpr):
-        offs = tl.arange(0, N)
-        n0, n1, n2, n3 = tl.randn4x(seed, offs)
-        for lane, v in ((0, n0), (1, n1), (2, n2), (3, n3)):
-            tl.store(out_ptr + offs * 4 + lane, v)
-
-    out = torch.zeros(256 * 4)
-    kernel[(1,)](out, 0xBEEF | (77 << 32), N=256)
+    out = triton_randn4x(0xBEEF | (77 << 32), 256)
     c0 = torch.arange(256)
     ctr = torch.stack((c0, *(torch.zeros_like(c0),) * 3), dim=1)
     key = torch.tensor([[0xBEEF, 77]]).expand(256, 2)

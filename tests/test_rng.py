@@ -55,7 +55,9 @@ def test_philox_matches_triton_interpreter():
     assert torch.equal(out, ref)
 
 
-def test_normal_conversion_matches_triton_randn4x():
+def triton_randn4x(key: int, n: int) -> torch.Tensor:
+    """Triton's own normals ``tl.randn4x(key, arange(n))`` (interpreter), lanes interleaved:
+    ``(4 * n,)`` float32. The counters are ``(i, 0, 0, 0)``."""
     triton = pytest.importorskip("triton")
     import triton.language as tl
 
@@ -66,8 +68,13 @@ def test_normal_conversion_matches_triton_randn4x():
         for lane, v in ((0, n0), (1, n1), (2, n2), (3, n3)):
             tl.store(out_ptr + offs * 4 + lane, v)
 
-    out = torch.zeros(256 * 4)
-    kernel[(1,)](out, 1234, N=256)
+    out = torch.zeros(n * 4)
+    kernel[(1,)](out, key, N=n)
+    return out
+
+
+def test_normal_conversion_matches_triton_randn4x():
+    out = triton_randn4x(1234, 256)
     c0 = torch.arange(256, dtype=torch.int64)
     zero = torch.zeros_like(c0)
     ref = rng._normals4(c0, zero, zero, zero, 1234, 0).flatten()

@@ -186,7 +186,9 @@ def test_sample_parallel_passes_estimator_chunk_and_fold_input(monkeypatch):
     assert sp.module.chunk == 3 and not sp.module.fold_input
     assert {m.estimator for m in sp.model.modules() if snn.is_bayesian(m)} == {"lrt"}
     ref = snn.MonteCarlo(_bayes_mlp(), S, seed=SEED, estimator="lrt", fold_input=True)
-    torch.testing.assert_close(sp(x), ref(x), rtol=1e-5, atol=1e-6)
+    from tests.ops.tolerance import assert_close  # here, not at the top: see _check_rel
+
+    assert_close(sp(x), ref(x), reduction=16)  # the last layer sums K=16 terms
     folded = sd.SampleParallel(_bayes_mlp(), S, seed=SEED, fold_input=True)
     assert folded.module.fold_input and folded.module.chunk is None
     with pytest.raises(ValueError, match="chunk must be"):
@@ -296,9 +298,16 @@ def test_four_ranks_grid_invariance_and_augmentation(run_workers):
     assert torch.equal(shared[0][1], shared[1][1])
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+def _check_rel(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """I3's bound: ``|a - b| / |b|`` (norms over the whole tensor) at most
+    ``GRID_INVARIANCE_RTOL``."""
+    # imported here, in the parent: the spawned ranks load this file by path without the
+    # repository root on sys.path, so a module-level ``tests.ops`` import fails there
+    from tests.ops.tolerance import GRID_INVARIANCE_RTOL
+
     a, b = a.detach(), b.detach()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+    err = float((a - b).norm() / b.norm().clamp_min(1e-30))
+    assert err <= GRID_INVARIANCE_RTOL, f"{what} rel. error {err:.2e}"
 
 
 def _check_runs(runs: dict, refs: dict) -> None:
@@ -307,14 +316,12 @@ def _check_runs(runs: dict, refs: dict) -> None:
         assert res["step"] == STEPS
         assert res["num_buckets"] > 1
         for name, p in ref["params"].items():
-            err = _rel(res["params"][name], p)
-            assert err <= 1e-5, f"grid {key}, {reduction}: param {name} rel. error {err:.2e}"
-            err = _rel(res["grads"][name], ref["grads"][name])
-            assert err <= 1e-5, f"grid {key}, {reduction}: grad {name} rel. error {err:.2e}"
+            where = f"grid {key}, {reduction}:"
+            _check_rel(res["params"][name], p, f"{where} param {name}")
+            _check_rel(res["grads"][name], ref["grads"][name], f"{where} grad {name}")
         if "predict" in res:
             b_local = res["predict"].shape[2]
             d = res["data_rank"]
             want = ref["predict"][:, :, d * b_local : (d + 1) * b_local]
             assert res["predict"].shape == (STEPS, S, b_local, 3)
-            err = _rel(res["predict"], want)
-            assert err <= 1e-5, f"grid {key}: predict rel. error {err:.2e}"
+            _check_rel(res["predict"], want, f"grid {key}: predict")

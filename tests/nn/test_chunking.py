@@ -15,6 +15,7 @@ import spar
 from spar.losses import elbo
 from spar.nn import BayesConv2d, BayesLinear, MonteCarlo
 from spar.nn import montecarlo as mcmod
+from tests.ops.tolerance import assert_close
 
 ESTIMATORS = ("reparam", "lrt", "flipout")
 S, B = 5, 3
@@ -38,6 +39,17 @@ def _model(kind: str, estimator: str) -> tuple[nn.Module, torch.Tensor]:
         BayesLinear(4 * 3 * 3, 3, init_sigma=0.2, estimator=estimator),
     )
     return net, torch.randn(B, 2, 6, 6)
+
+
+def _grad_terms(mc: MonteCarlo, kind: str) -> list[int]:
+    """Terms summed into one element of each gradient, x's first: dx sums the outputs of
+    the first Bayesian layer that read it, in all S samples; a parameter's gradient every
+    sample's and example's rows, times the 6x6 output positions in the conv stage."""
+    spatial = {n for n, m in mc.named_modules() if isinstance(m, nn.Conv2d | BayesConv2d)}
+    terms = [S * (8 if kind == "linear" else 4 * 3 * 3)]
+    for name, _ in mc.named_parameters():
+        terms.append(S * B * (6 * 6 if name.rpartition(".")[0] in spatial else 1))
+    return terms
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -65,12 +77,14 @@ def test_chunked_equals_one_pass(kind, estimator, reduction, chunk, monkeypatch)
         assert mc.step == 2 and mc.chunk_size(x) == (S if c is None else expect)
         runs[c] = (outs, grads)
     (o1, g1), (o2, g2) = runs[None], runs[chunk]
+    k_last = 8 if kind == "linear" else 4 * 3 * 3  # the output sums the last layer's K
     for a, b in zip(o1, o2, strict=True):
         assert a.shape == b.shape == (S, B, 3)
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert_close(a, b, reduction=k_last, msg="output")
+    names = ["x", *(n for n, _ in mc.named_parameters())]
     for ga, gb in zip(g1, g2, strict=True):
-        for a, b in zip(ga, gb, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for name, a, b, n in zip(names, ga, gb, _grad_terms(mc, kind), strict=True):
+            assert_close(a, b, reduction=n, msg=name)
 
 
 def test_each_chunk_gets_the_shared_input_and_backward_goes_chunk_by_chunk():
@@ -113,7 +127,7 @@ def test_auto_chunk_is_measured_per_input_shape(monkeypatch):
     model[0].register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
     ref = MonteCarlo(model, S).eval()
     ref.step = mc.eval().step  # 1: the training-mode call above advanced it
-    torch.testing.assert_close(mc(x), ref(x), rtol=1e-6, atol=1e-6)
+    assert_close(mc(x), ref(x), reduction=8)  # the last layer sums K=8 terms
     assert calls[:3] == [B, B, B]  # chunks of 2, 2, 1: the first layer gets B rows each time
     # an MLP on the default budget: no chunking (it would not pay)
     monkeypatch.undo()
@@ -159,10 +173,11 @@ def test_chunked_montecarlo_compiles_one_graph(chunk, monkeypatch):
     try:
         for _ in range(2):
             y_c, y_e = compiled(x), eager(x)
-            torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
+            assert_close(y_c, y_e, reduction=8, msg="output")  # the last layer's K=8
             g_c = torch.autograd.grad(y_c.square().sum(), list(twin.parameters()))
             g_e = torch.autograd.grad(y_e.square().sum(), list(eager.parameters()))
-            torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-5)
+            for a, b in zip(g_c, g_e, strict=True):  # summed over the S*B rows
+                assert_close(a, b, reduction=S * B, msg="gradient")
         assert twin.step == eager.step == 2 and twin.chunk_size(x) == 2
         assert counter.frame_count == 1
     finally:

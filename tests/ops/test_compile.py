@@ -15,6 +15,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.library import opcheck
 
 import spar
+from tests.ops.tolerance import assert_close
 
 ESTIMATORS = ("reparam", "lrt", "flipout")
 TRITON = importlib.util.find_spec("triton") is not None
@@ -41,26 +42,46 @@ def _grads(out: torch.Tensor, module: nn.Module) -> list[torch.Tensor]:
     return list(torch.autograd.grad(out.square().sum(), list(module.parameters())))
 
 
-def _assert_same(a: torch.Tensor | list, b: torch.Tensor | list) -> None:
-    # the ops run the same code eager and compiled; only inductor's fusion of the
-    # elementwise glue (bias add, lrt's sqrt, the loss) can round differently
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+def _assert_same(
+    a: torch.Tensor | list, b: torch.Tensor | list, reduction: int | list[int]
+) -> None:
+    """Compiled ``a`` against eager ``b`` (tensors or lists of them), the policy's fp32
+    tolerance for ``reduction`` terms per element (one count, or one per tensor). The ops
+    run the same code eager and compiled; only inductor's fusion of the elementwise glue
+    (bias add, lrt's sqrt, the loss) can round differently."""
+    a, b = (list(t) if isinstance(t, list | tuple) else [t] for t in (a, b))
+    terms = reduction if isinstance(reduction, list) else [reduction] * len(a)
+    for i, (u, v, n) in enumerate(zip(a, b, terms, strict=True)):
+        assert_close(u, v, reduction=n, msg=f"tensor {i}")
 
 
-def _train_and_compare(eager: nn.Module, x: torch.Tensor, steps: int) -> None:
+def _grad_terms(module: nn.Module, rows: int, positions: int = 1) -> list[int]:
+    """Terms summed into one element of each parameter's gradient: every sample's and
+    example's ``rows``, times the output ``positions`` for a convolution's parameters."""
+    conv = {n for n, m in module.named_modules() if isinstance(m, spar.nn.BayesConv2d)}
+    return [rows * (positions if n.rpartition(".")[0] in conv else 1)
+            for n, _ in module.named_parameters()]  # fmt: skip
+
+
+def _train_and_compare(
+    eager: nn.Module, x: torch.Tensor, steps: int, *, out_terms: int, grad_terms: list[int]
+) -> None:
     """Train ``eager`` and a compiled copy side by side (SGD): outputs and gradients agree
-    at every step, and only the first step compiles."""
+    at every step, and only the first step compiles. ``out_terms``: the terms summed into
+    one output element (the last layer's K); ``grad_terms``: into one element of each
+    parameter's gradient (:func:`_grad_terms`)."""
     twin = copy.deepcopy(eager)
     compiled, counter = _compile(twin)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (twin, eager)]
     for _ in range(steps):
         y_c, y_e = compiled(x), eager(x)
-        _assert_same(y_c, y_e)
+        _assert_same(y_c, y_e, out_terms)
         for model, y, opt in zip((twin, eager), (y_c, y_e), opts, strict=True):
             for p, g in zip(model.parameters(), _grads(y, model), strict=True):
                 p.grad = g
             opt.step()
-        _assert_same([p.grad for p in twin.parameters()], [p.grad for p in eager.parameters()])
+        grads = [p.grad for p in twin.parameters()], [p.grad for p in eager.parameters()]
+        _assert_same(*grads, grad_terms)
     assert counter.frame_count == 1, "recompiled as the step advanced"
 
 
@@ -89,14 +110,15 @@ def test_montecarlo_compiles_one_graph_matching_eager():
     then eval-mode predictions (the step stays put) agree too."""
     mc = spar.nn.MonteCarlo(_convnet(), 3, seed=5)
     x = torch.randn(2, 3, 5, 5)
-    _train_and_compare(mc, x, steps=3)
+    # the last layer sums K=6; the gradients S*B=6 rows (times 5x5 positions in a conv)
+    _train_and_compare(mc, x, steps=3, out_terms=6, grad_terms=_grad_terms(mc, 3 * 2, 5 * 5))
     assert mc.step == 3
     twin = copy.deepcopy(mc).eval()
     compiled, _ = _compile(twin)
     mc.eval()
     with torch.no_grad():
-        _assert_same(compiled(x), mc(x))
-        _assert_same(compiled(x), mc(x))
+        _assert_same(compiled(x), mc(x), 6)
+        _assert_same(compiled(x), mc(x), 6)
     assert twin.step == 3
 
 
@@ -116,11 +138,11 @@ def test_compiled_model_inside_sampling_context():
     for step in range(3):
         with spar.sampling(2, seed=9, step=step, data_offset=4):
             y_c, y_e = compiled(x), model(x)
-        _assert_same(y_c, y_e)
-        _assert_same(_grads(y_c, model), _grads(y_e, model))
+        _assert_same(y_c, y_e, 5)  # the last layer sums K=5
+        _assert_same(_grads(y_c, model), _grads(y_e, model), 2 * 3)  # the S*B rows
     assert counter.frame_count == 1
     with spar.sampling(3, seed=9, step=0):
-        _assert_same(compiled(x), model(x))
+        _assert_same(compiled(x), model(x), 5)
     assert counter.frame_count == 2
 
 
@@ -133,7 +155,7 @@ def test_compiled_layer_outside_context_draws_fresh_noise_per_call():
     outs = []
     for _ in range(3):
         outs.append(compiled(x))
-        _assert_same(outs[-1], layer(x))
+        _assert_same(outs[-1], layer(x), 2 * 3 * 3)  # a 2x3x3 window
     assert not torch.allclose(outs[0], outs[1])
     assert counter.frame_count == 1
 
@@ -145,7 +167,10 @@ def test_noise_generator_runs_inside_the_compiled_graph(monkeypatch, generator):
     monkeypatch.setenv("SPAR_RNG", generator)
     torch.manual_seed(2)
     layer = spar.nn.BayesLinear(8, 4, bias=False, init_sigma=0.2)
-    _train_and_compare(spar.nn.MonteCarlo(layer, 2), torch.randn(3, 8), steps=2)
+    mc = spar.nn.MonteCarlo(layer, 2)
+    _train_and_compare(
+        mc, torch.randn(3, 8), steps=2, out_terms=8, grad_terms=_grad_terms(mc, 2 * 3)
+    )
 
 
 def _opcheck_primitives(backend: str, device: torch.device) -> None:
@@ -218,7 +243,9 @@ def test_triton_montecarlo_compiles_one_graph_matching_eager(monkeypatch, path):
         nn.ReLU(),
         spar.nn.BayesLinear(8, 3, init_sigma=0.1, estimator="flipout"),
     ).to(dev)
-    _train_and_compare(spar.nn.MonteCarlo(model, 3, seed=5), torch.randn(2, 5, device=dev), 2)
+    mc = spar.nn.MonteCarlo(model, 3, seed=5)
+    x = torch.randn(2, 5, device=dev)
+    _train_and_compare(mc, x, 2, out_terms=8, grad_terms=_grad_terms(mc, 3 * 2))  # K=8
 
 
 @pytest.mark.skipif(not TRITON, reason="triton is not installed")

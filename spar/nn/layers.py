@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _ntuple, _reverse_repeat_tuple
 
 from spar import ops, rng
-from spar.nn.prior import GaussianPrior, gaussian_kl, inverse_sigma
+from spar.nn.prior import GaussianPrior, inverse_sigma, kl_from_rho
 from spar.nn.sampling import SamplingState, current_sampling
 
 ESTIMATORS = ("reparam", "lrt", "flipout")
@@ -126,9 +126,9 @@ class BayesModule(nn.Module):
         """Closed-form ``KL(q || prior)`` summed over this layer's Bayesian parameters."""
         total = 0.0
         for name in self.bayes_names:
-            total = total + gaussian_kl(
+            total = total + kl_from_rho(
                 getattr(self, f"{name}_mu"),
-                self.sigma(name),
+                getattr(self, f"{name}_rho"),
                 getattr(self, f"{name}_prior_mean"),
                 getattr(self, f"{name}_prior_std"),
             )

@@ -238,7 +238,11 @@ def _writable_dir(cache: Path) -> Path:
         pass
     uid = os.getuid() if hasattr(os, "getuid") else "user"
     fallback = Path(tempfile.gettempdir()) / f"spar-cache-{uid}"
-    fallback.mkdir(parents=True, exist_ok=True)
+    fallback.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # a shared temporary directory: load nothing from a folder another user could write
+    st = fallback.stat()
+    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+        raise OSError(f"{fallback} is not a private directory of this user")
     return fallback
 
 

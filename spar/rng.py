@@ -214,8 +214,9 @@ def _run(lib, seed, step, pid, first_sample, num_samples, rows, cols, first_row,
          consume):  # fmt: skip
     """Call ``consume(s0, s1, r0, r1, c0, c1, eps)`` for float32 noise blocks covering
     ``(num_samples, rows, cols)``: from the native library (``lib``; whole sample planes,
-    at most ``_NATIVE_CHUNK`` elements a block), else from the eager generator in blocks of
-    ``_CHUNK_COUNTERS`` counters, so that its ~20 int64 temporaries stay in cache."""
+    as many as fit in ``_NATIVE_CHUNK`` elements, at least one), else from the eager
+    generator in blocks of ``_CHUNK_COUNTERS`` counters, so that its ~20 int64 temporaries
+    stay in cache."""
     with torch.no_grad():
         if lib is not None:
             s_step = max(1, _NATIVE_CHUNK // (rows * cols))

@@ -307,7 +307,7 @@ def epoch_timing(epoch_times: list[float], first_epoch_steps: list[float]) -> di
     """Time per epoch without the warm-up of the first step.
 
     The first step of a process pays one-off costs that say nothing about the speed of
-    training: compiling the noise generator (``torch.compile``, seconds on a CPU), the
+    training: loading (the first time on a machine, building) the native noise generator, the
     allocator's first growth, the first collectives' connection set-up. The reported
     ``seconds_per_epoch`` therefore leaves them out:
 

@@ -174,7 +174,11 @@ class BayesModule(nn.Module):
         S, B = state.num_samples, state.batch_size
         rows = x.shape[0] if x.dim() else None
         shared = S > 1 and B is not None and rows == B
-        if not shared and (rows is None or rows % S != 0):
+        # before any Bayesian layer has folded the batch, an input that is not the B shared
+        # rows means the model changed the batch axis (e.g. a reshape): treating it as folded
+        # would give S identical samples, silently
+        unfolded = B is not None and not state.folded and not torch.compiler.is_compiling()
+        if not shared and (rows is None or rows % S != 0 or (unfolded and rows != B)):
             msg = (
                 f"input's leading dimension ({'scalar' if rows is None else rows}) must be "
                 f"divisible by num_samples={S}: Bayesian layers take the folded (S*B, ...) batch"
@@ -186,6 +190,8 @@ class BayesModule(nn.Module):
                     "MonteCarlo(..., fold_input=True)"
                 )
             raise ValueError(msg)
+        if B is not None and not state.folded and not torch.compiler.is_compiling():
+            state.folded.append(True)
         key = rng.NoiseKey(
             state.seed,
             state.step_tensor,

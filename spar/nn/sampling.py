@@ -58,6 +58,10 @@ class SamplingState:
     # ids of the unnamed Bayesian layers that ran in this context (eager mode only): two
     # different ones would draw the same noise, see BayesModule.noise_name
     unnamed: set = field(init=False, repr=False, compare=False)
+    # set once a Bayesian layer has returned folded (S*B, ...) activations in this context
+    # (eager mode only): before that, with ``batch_size`` set, an input must be the B shared
+    # rows (see BayesModule._key)
+    folded: list = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "first_sample", "data_offset"):
@@ -92,6 +96,7 @@ class SamplingState:
             step_t = torch.tensor(step, dtype=torch.int64)
         object.__setattr__(self, "step_tensor", step_t)
         object.__setattr__(self, "unnamed", set())
+        object.__setattr__(self, "folded", [])
         if self.first_sample < 0 or self.first_sample + self.num_samples > _MAX_U32:
             raise ValueError(
                 f"first_sample must be >= 0 with first_sample + num_samples <= 2**32, got "

@@ -1,8 +1,8 @@
 """Which backend runs a primitive: a registry keyed by ``(primitive, backend)``.
 
-Backends (``spar/ops/torch``, ``spar/ops/triton``; ``cuda`` is reserved for the CUDA
-backend and not written yet) register the primitives they implement when their package
-is imported; nothing heavy (triton) is imported until a backend is needed.
+Backends (``spar/ops/backends/torch``, ``spar/ops/backends/triton``; ``cuda`` is reserved
+for the CUDA backend and not written yet) register the primitives they implement when their
+package is imported; nothing heavy (triton) is imported until a backend is needed.
 
 The rule, per primitive and per call (``SPAR_BACKEND``, parsed by :mod:`spar._env`):
 
@@ -69,14 +69,10 @@ def _load(backend: str) -> str | None:
     return error
 
 
-def requested_backend() -> str:
-    return _env.backend()
-
-
 def backend_for(primitive: str, device: torch.device) -> str:
     """The backend that runs ``primitive`` on ``device`` under the current
     ``SPAR_BACKEND`` (see the module doc for the rule)."""
-    name = requested_backend()
+    name = _env.backend()
     if name != "auto":
         err = _load(name)
         if err is not None:

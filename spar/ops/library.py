@@ -10,13 +10,13 @@ backward function with plain Python signatures::
 
 ``inputs`` are tensors (or None), ``key`` is a :class:`spar.rng.NoiseKey` with an int
 step, ``static`` are ints (parameter ids, flags, convolution geometry), ``needs`` says
-which input gradients are wanted. :func:`primitive` registers both as ``torch.library``
-custom ops (namespace ``spar``) and returns a differentiable function. Every primitive
-shares one schema, so the noise key is packed in one place (:func:`pack_key`)::
+which input gradients are wanted. :func:`define` registers both as ``torch.library``
+custom ops and returns a differentiable function. Every primitive shares one schema, so the
+noise key is packed in one place (:func:`pack_key`); for ``op = {backend}_{primitive}``::
 
-    spar::{name}(Tensor?[] inputs, Tensor step, int[] key, int[] static) -> Tensor
-    spar::{name}_backward(Tensor dy, Tensor?[] inputs, Tensor step, int[] key,
-                          int[] static, bool[] needs) -> Tensor[]
+    spar::{op}(Tensor?[] inputs, Tensor step, int[] key, int[] static) -> Tensor
+    spar::{op}_backward(Tensor dy, Tensor?[] inputs, Tensor step, int[] key,
+                        int[] static, bool[] needs) -> Tensor[]
 
 ``step`` is a 0-d int64 CPU tensor read when the op runs, so a compiled model whose step
 advances every training step is traced once; ``key`` is ``[seed, first_sample,

@@ -183,3 +183,24 @@ def test_sampling_batch_size_validation():
             pass
     with pytest.raises(TypeError, match="fold_input must be a bool"):
         MonteCarlo(BayesLinear(2, 2), 2, fold_input=1)
+
+
+def test_batch_reshape_before_the_first_bayesian_layer_is_refused():
+    """A model that reshapes its batch (B, T, D) -> (B*T, D) before its first Bayesian layer
+    would otherwise pass B*T rows as a folded batch and return S identical samples; it gets
+    an error pointing to fold_input=True, which gives distinct samples."""
+    torch.manual_seed(0)
+
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = BayesLinear(4, 3, init_sigma=0.5)
+
+        def forward(self, x):
+            return self.fc(x.reshape(-1, 4)).view(-1, x.shape[1], 3)
+
+    x = torch.randn(2, 3, 4)  # B=2, T=3: B*T=6 rows, divisible by S=3
+    with pytest.raises(ValueError, match="fold_input=True"):
+        MonteCarlo(Tokens(), 3)(x)
+    out = MonteCarlo(Tokens(), 3, fold_input=True)(x)
+    assert out.shape == (3, 2, 3, 3) and not torch.allclose(out[0], out[1])

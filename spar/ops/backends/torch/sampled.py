@@ -191,7 +191,11 @@ def conv_backward(dy: Tensor, x: Tensor, mu: Tensor | None, rho: Tensor, key: No
     need_w = g_mu is not None or g_eps is not None
     for lo, hi in chunks(S, rho.numel()):
         c = hi - lo
-        w, g = _conv_weight(_weights(key, pid, mu, sig, lo, hi, x.dtype), groups, shared)
+        if need_x:
+            w = _weights(key, pid, mu, sig, lo, hi, x.dtype)
+        else:  # the weight gradient reads only the weight's shape: no noise drawn
+            w = x.new_zeros(()).expand(c, *rho.shape)
+        w, g = _conv_weight(w, groups, shared)
         x_c = x if shared else _to_groups(xs[lo:hi], c, groups, shared)
         gx, gw, _ = torch.ops.aten.convolution_backward(
             _to_groups(dys[lo:hi], c, groups, shared), x_c, w, None,

@@ -67,13 +67,6 @@ def normal_tile(key, rows, samples, col0, step, BLOCK_R: tl.constexpr, BLOCK_C: 
 
 
 @triton.jit
-def normal_row(key, col0, sample, step, BLOCK_C: tl.constexpr):
-    """Normals ``(BLOCK_C,)`` of row 0 (a vector parameter such as a bias)."""
-    rows = tl.zeros((1,), dtype=tl.uint32)
-    return tl.reshape(normal_tile(key, rows, sample, col0, step, 1, BLOCK_C), (BLOCK_C,))
-
-
-@triton.jit
 def round_bf16(x):
     """fp32 -> nearest-even bf16 value, returned as fp32 (bit arithmetic: the interpreter's
     own cast truncates). Inf and NaN are not special-cased: they do not reach here."""
@@ -137,12 +130,6 @@ def as_i32(value: int) -> int:
 def philox_key(seed: int, pid: int) -> int:
     """The 64-bit Philox key ``seed | param_id << 32`` (fits int64: param ids are 31 bits)."""
     return (seed & MASK32) | ((pid & PARAM_ID_MASK) << 32)
-
-
-def tl_dtype(dtype: torch.dtype):
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[
-        dtype
-    ]
 
 
 def dot_precision(dtype: torch.dtype) -> str:

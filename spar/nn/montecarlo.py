@@ -184,11 +184,13 @@ class MonteCarlo(nn.Module):
                 if isinstance(t, Tensor):
                     seen[(t.data_ptr(), t.numel())] = t
 
-        handle = nn.modules.module.register_module_forward_hook(count)
+        # hooks on this model's modules only (a global hook would also count other threads')
+        handles = [m.register_forward_hook(count) for m in self.model.modules()]
         try:
             out = self._run(x, 1, self.first_sample, args, kwargs)
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
         per_sample = max(1, sum(n for _, n in seen))
         seen.clear()
         c = max(1, min(self.num_samples, AUTO_CHUNK_ELEMENTS // per_sample))

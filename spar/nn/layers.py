@@ -361,12 +361,10 @@ class _BayesConvNd(BayesModule):
         if self._pre_pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._pre_pad, mode=mode)
-        # shared_input only when set: folded calls keep working with any op version
-        extra = {"shared_input": True} if shared else {}
         return ops.bayes_conv(
             x, self.weight_mu, self.weight_rho, *self._bias(), key,
             stride=self.stride, padding=self._op_padding, dilation=self.dilation,
-            groups=self.groups, estimator=self.estimator, **extra, **self._ids(),
+            groups=self.groups, estimator=self.estimator, shared_input=shared, **self._ids(),
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -1,11 +1,12 @@
 """The native CPU noise generator: ``csrc/spar_cpu.c`` built at first use, loaded with ctypes.
 
-Why: Philox in torch integer ops is about a hundred passes over memory per four normals,
-and ``torch.compile`` of it costs every process 15-20 s of compilation and milliseconds
-of guards per call. One small C file, vectorised (AVX-512 / AVX2 / portable) and spread
-over torch's threads with OpenMP, draws the same numbers (integers bit-exact, normals
-within a few ulp of the torch generator) several times faster, with microseconds of
-overhead per call.
+Why: Philox in torch integer ops is about a hundred passes over memory per four normals
+(about 24 M normals/s on 2 cores), and the ``torch.compile``d loop spar used before cost
+every process 14-20 s of compilation. One small C file, vectorised (AVX-512 / AVX2 /
+portable) and spread over torch's threads with OpenMP, draws the same numbers (integers
+bit-exact, normals within a few ulp of the torch generator): 1.0-1.3 G normals/s on 2
+cores, about 10 us of overhead per call (``bench/bench_rng.py``,
+``bench/results/rng_cpu.csv``).
 
 How:
 

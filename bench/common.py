@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -63,25 +62,48 @@ def source_digest(package_dir: str | Path = _REPO_ROOT / "spar") -> str:
     return h.hexdigest()[:12]
 
 
-def env_info(packages: Mapping[str, str] | None = None) -> dict[str, str]:
+def device_name(device: torch.device | str | None = None) -> str:
+    """What a row was measured on: the GPU's name for a CUDA device, else the CPU model."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    return cpu_model()
+
+
+def env_info(
+    packages: Mapping[str, str] | None = None, device: torch.device | str | None = None
+) -> dict[str, str]:
     """Fields every result row carries: UTC date, host, hardware, thread count and versions.
 
     ``packages`` maps a column name to a distribution name, e.g.
-    ``{"torch_blue": "torch-blue"}``; its version is recorded under that column.
+    ``{"torch_blue": "torch-blue"}``; its version is recorded under that column. With
+    ``device``, ``device_name`` is what the row was measured on (:func:`device_name`) and
+    ``gpu`` the name of that GPU (else of GPU 0, where there is one).
     """
     import spar  # imported here so that the helpers above work without spar installed
 
+    dev = None if device is None else torch.device(device)
+    on_cuda = dev is not None and dev.type == "cuda" and torch.cuda.is_available()
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "host": socket.gethostname(),
         "cpu": cpu_model(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
+        "gpu": (
+            torch.cuda.get_device_name(dev)
+            if on_cuda
+            else torch.cuda.get_device_name(0)
+            if torch.cuda.is_available()
+            else ""
+        ),
         "threads": str(torch.get_num_threads()),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "spar": spar.__version__,
         "spar_src": source_digest(),
     }
+    if dev is not None:
+        info["device_name"] = device_name(dev)
+        info["cuda"] = torch.version.cuda or ""
     info.update({col: package_version(dist) for col, dist in (packages or {}).items()})
     return info
 
@@ -215,15 +237,16 @@ class Stats:
     def from_seconds(
         cls, times: Iterable[float], others: Iterable[float] = (), dropped: int = 0
     ) -> Stats:
-        t = np.asarray(list(times), dtype=np.float64) * 1e3
-        q1, med, q3 = np.quantile(t, (0.25, 0.5, 0.75))  # as torch.utils.benchmark
+        # torch, not numpy: the GPU machine may have spar without its optional deps
+        t = torch.tensor(list(times), dtype=torch.float64) * 1e3
+        q1, med, q3 = torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
         o = list(others)
         return cls(
             median=float(med),
             iqr=float(q3 - q1),
             min=float(t.min()),
-            n=int(t.size),
-            others=float(np.mean(o)) if o else 0.0,
+            n=int(t.numel()),
+            others=float(sum(o) / len(o)) if o else 0.0,
             dropped=dropped,
         )
 

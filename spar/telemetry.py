@@ -5,6 +5,12 @@ NVML (the ``pynvml`` module of the ``nvidia-ml-py`` package) reads what the driv
 all memory of the process on the GPU, CUDA context and cuDNN workspaces included, which
 ``torch.cuda.max_memory_allocated`` does not count. On a machine without a GPU only the
 resident set size of this process is sampled.
+
+NVML is optional everywhere: without ``pynvml``, without a driver, or when a query fails
+mid-run (MIG slices and some virtual GPUs refuse the utilization query), GPU fields stay
+``None`` and sampling of the host goes on; nothing here raises because of NVML.
+``gpu_index`` is the CUDA device index as torch numbers it; under ``CUDA_VISIBLE_DEVICES``
+it is mapped to NVML's numbering through the PCI bus id.
 """
 
 from __future__ import annotations
@@ -65,6 +71,22 @@ def nvml_devices() -> tuple[list[dict], str | None]:
         pynvml.nvmlShutdown()
 
 
+def _nvml_handle(pynvml, cuda_index: int):
+    """NVML's handle of CUDA device ``cuda_index`` (torch's numbering): by PCI bus id when
+    torch can tell it (``CUDA_VISIBLE_DEVICES`` renumbers devices for CUDA, not for NVML),
+    else by index."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        try:
+            import torch
+
+            props = torch.cuda.get_device_properties(cuda_index)
+            bus = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+            return pynvml.nvmlDeviceGetHandleByPciBusId(bus.encode())
+        except Exception:  # noqa: BLE001 - old torch, no CUDA, NVML disagrees: use the index
+            pass
+    return pynvml.nvmlDeviceGetHandleByIndex(cuda_index)
+
+
 @dataclass
 class Summary:
     seconds: float = 0.0
@@ -102,10 +124,15 @@ class Telemetry:
             return
         try:
             import pynvml
-
+        except ImportError:
+            return
+        try:
             pynvml.nvmlInit()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(self.gpu_index)
-            self._nvml = pynvml
+        except Exception:  # noqa: BLE001 - no driver: no GPU telemetry, not an error
+            return
+        self._nvml = pynvml  # initialized: shut down in stop()
+        try:
+            self._handle = _nvml_handle(pynvml, self.gpu_index)
         except Exception:  # noqa: BLE001 - no GPU telemetry is not an error
             self._handle = None
 
@@ -114,10 +141,13 @@ class Telemetry:
         s.samples += 1
         s.peak_rss = max(s.peak_rss, rss_bytes())
         if self._handle is not None:
-            mem = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
-            util = self._nvml.nvmlDeviceGetUtilizationRates(self._handle)
-            s.peak_gpu_memory = max(s.peak_gpu_memory or 0, int(mem.used))
-            self._utils.append(float(util.gpu))
+            try:
+                mem = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
+                s.peak_gpu_memory = max(s.peak_gpu_memory or 0, int(mem.used))
+                util = self._nvml.nvmlDeviceGetUtilizationRates(self._handle)
+                self._utils.append(float(util.gpu))
+            except Exception:  # noqa: BLE001 - a query NVML refuses here: stop asking
+                self._handle = None
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -147,7 +177,10 @@ class Telemetry:
             s.gpu_util_trace = list(self._utils)
             s.mean_gpu_util = sum(self._utils) / len(self._utils)
         if self._nvml is not None:
-            self._nvml.nvmlShutdown()
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:  # noqa: BLE001 - shutting down NVML must not fail a run
+                pass
             self._nvml = self._handle = None
         return s
 

@@ -11,6 +11,15 @@ sample axis of the grid, the batch over the data axis (:class:`SampleParallel`,
 the checkpoint. A checkpoint is written atomically at the end of every epoch and holds
 model (with the step counter that keys the noise), optimizer and every rank's
 augmentation generator, so ``resume`` continues bit-identically on the same grid.
+
+Devices: ``device="cuda"`` binds one GPU per rank (``cuda:LOCAL_RANK``) and uses NCCL
+between ranks, ``"cpu"`` uses gloo, whatever else the machine has. One process
+(``nproc=1`` outside torchrun/SLURM, or ``mode="local"``) runs in the calling process
+without a process group. On CUDA the batches go through pinned memory with asynchronous
+copies, and the reported peak memory is the CUDA caching allocator's peak of each rank
+(``torch.cuda.max_memory_allocated``; NVML's device-wide figure, where ``pynvml`` is
+installed, goes to ``metrics.json`` as ``peak_gpu_memory_nvml_mib``); on the CPU it is the
+peak resident set size.
 """
 
 from __future__ import annotations
@@ -207,6 +216,26 @@ class Progress:
 # ----------------------------------------------------------------------------- the job
 
 
+def dist_backend(device: str) -> str:
+    """The ``torch.distributed`` backend for ranks on ``device``: NCCL for CUDA, gloo for the
+    CPU (not "NCCL whenever CUDA is available": a CPU run on a GPU machine stays on the CPU)."""
+    return "nccl" if device == "cuda" else "gloo"
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch on ``device``: through pinned memory, asynchronously, on CUDA."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _peak_memory(device: torch.device, tel: Telemetry) -> tuple[float, str]:
+    """(peak bytes of this rank, what was measured)."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device)), "cuda allocator"
+    return float(tel.summary().peak_rss), "resident set"
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -268,7 +297,13 @@ def evaluate(sp: SampleParallel, x_test, y_test, x_ood) -> dict:
 
 
 def _plots(out: Path, report: dict) -> list[str]:
-    import matplotlib
+    """The reliability and uncertainty figures; none (a note on stderr) where matplotlib is
+    not installed (a machine set up with ``pip install --no-deps``)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plots", file=sys.stderr)
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -374,7 +409,9 @@ def run(cfg: TrainConfig) -> dict | None:
     if cfg.mode == "local":
         grid = spar.distributed.Grid.local(torch.device(cfg.device))
     else:
-        grid = spar.distributed.init(sample=a, data=b, timeout=300)
+        grid = spar.distributed.init(
+            sample=a, data=b, timeout=300, backend=dist_backend(cfg.device)
+        )
     rank = _rank()
     if cfg.device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, grid.world_size)))
@@ -382,6 +419,11 @@ def run(cfg: TrainConfig) -> dict | None:
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
     try:
+        if grid.device.type != cfg.device:  # e.g. a process group the caller initialized
+            raise ValueError(f"--device {cfg.device}, but the process grid is on {grid.device}")
+        if grid.device.type == "cuda":
+            torch.cuda.set_device(grid.device)
+            torch.cuda.reset_peak_memory_stats(grid.device)
         (x_tr, y_tr), (x_te, y_te), x_ood = digits_splits(cfg.seed)
         model = digits_cnn(cfg.init_sigma).to(grid.device)
         augment_mode = None if cfg.augment == "none" else cfg.augment
@@ -407,8 +449,8 @@ def run(cfg: TrainConfig) -> dict | None:
                 loss_sum = 0.0
                 for i, idx in enumerate(batches):
                     t_step = time.perf_counter()
-                    x = augment(x_tr[idx], sp.augment_generator).to(grid.device)
-                    y = y_tr[idx].to(grid.device)
+                    x = _to_device(augment(x_tr[idx], sp.augment_generator), grid.device)
+                    y = _to_device(y_tr[idx], grid.device)
                     outputs = sp(x)  # (S_local, B_local, classes)
                     loss = spar.losses.elbo(
                         outputs, y, kl=spar.nn.kl_divergence(sp), dataset_size=n_train,
@@ -436,11 +478,18 @@ def run(cfg: TrainConfig) -> dict | None:
                 if rank == 0:
                     save_checkpoint(ckpt_path, state)
             report = evaluate(sp, x_te, y_te, x_ood)
-        peaks = _all_gather_object(tel.summary().peak_gpu_memory or tel.summary().peak_rss)
+        peak, peak_source = _peak_memory(grid.device, tel)
+        peaks = _all_gather_object(peak)
+        nvml = _all_gather_object(tel.summary().peak_gpu_memory)
         if rank != 0:
             return None
         report.update(epoch_timing(epoch_times, step_times))
         report["peak_memory_mib"] = [p / 2**20 for p in peaks]
+        report["peak_memory_source"] = peak_source
+        if grid.device.type == "cuda":
+            report["device_name"] = torch.cuda.get_device_name(grid.device)
+            if all(v is not None for v in nvml):
+                report["peak_gpu_memory_nvml_mib"] = [v / 2**20 for v in nvml]
         report["epochs_run"] = len(epoch_times)
         report["grid"] = {"sample": grid.sample, "data": grid.data, "mode": grid.mode}
         report["config"] = asdict(cfg)
@@ -467,10 +516,11 @@ def under_launcher() -> bool:
 
 
 def launch(cfg: TrainConfig) -> dict | None:
-    """Run the job: in this process when already launched (torchrun/SLURM) or local,
-    otherwise on ``cfg.nproc`` local processes through PyTorch's elastic launcher."""
+    """Run the job: in this process when already launched (torchrun/SLURM), local, or one
+    process (no launcher, no process group: nothing to communicate), otherwise on
+    ``cfg.nproc`` local processes through PyTorch's elastic launcher."""
     cfg.validate()
-    if cfg.mode == "local" or under_launcher():
+    if cfg.mode == "local" or cfg.nproc == 1 or under_launcher():
         return run(cfg)
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 

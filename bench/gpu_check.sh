@@ -1,0 +1,428 @@
+#!/usr/bin/env bash
+# bench/gpu_check.sh - the one prepared script for the first minutes anyone has a GPU.
+#
+# What it runs, in order, each step with its own time limit (GPU run; the whole script is
+# capped at --budget seconds, 460 by default, so it ends within 8 minutes on one GPU even
+# if every step hits its limit):
+#
+#   step       limit  what
+#   env          30 s `spar info`, the nvidia-smi line, python/torch/CUDA/triton versions,
+#                     which optional packages import (pytest, sklearn, matplotlib, pynvml,
+#                     torch-blue, bayesian-torch)
+#   tests       180 s pytest tests/gpu on CUDA tensors, Triton kernels compiled
+#                     (TRITON_INTERPRET=0, SPAR_TEST_DEVICE=cuda): every Triton primitive and
+#                     every estimator (linear, conv; fp32, bf16) against the torch backend and
+#                     spar/ops/reference.py, Philox bit-exactness, a bayesianized CNN through
+#                     MonteCarlo, torch.compile (inductor) of Bayesian layers
+#   train        70 s `spar train --device cuda --nproc 1 --epochs 1` (digits CNN)
+#   kernels      60 s bench/bench_kernels.py --op linear: S=16,64, B=128, 4096x4096, bf16
+#   conv         50 s bench/bench_kernels.py --op conv: S=8,32, B=32, 64->64 ch, 32x32, 3x3
+#   layers       60 s bench/bench_layers.py --device cuda --config mlp small cnn --quick
+#
+# Expected on one H100/H200 (estimates, not yet measured): env 10 s, tests 60-120 s (most
+# of it compiling Triton kernels and the inductor graph), train 30-50 s, kernels 30-50 s,
+# conv 20-40 s, layers 30-50 s: about 3-5 minutes in all, Python start-up included.
+# A step that hits its limit is "failed (timeout)"; when the budget left cannot hold a
+# step's minimum (10 s) it is "skipped (budget)". A failed step never stops the later ones.
+#
+# Output: every step's log goes to OUT/<step>.log (OUT: --out, default
+# bench/results/gpu_check/), the summary table to OUT/summary.txt and, one row per step
+# with the device name, to RESULTS/gpu_check_gpu.csv; the benchmarks append to
+# RESULTS/kernels_gpu.csv and RESULTS/layers_gpu.csv (RESULTS: bench/results/), and every
+# CSV/PNG/MD this run wrote is copied to OUT/results/ as well, so that OUT alone brings
+# everything back from the machine. The exit code is 0 when every step that ran passed,
+# 1 when any failed (a skipped step - no budget, a peer package missing - is no failure),
+# 2 for bad options.
+#
+# Usage:
+#   bash bench/gpu_check.sh                        # on the GPU machine, from anywhere
+#   bash bench/gpu_check.sh --out "$OUT"           # logs and results into $OUT
+#   bash bench/gpu_check.sh --only tests,kernels   # some steps (names as above)
+#   bash bench/gpu_check.sh --skip layers          # all but some
+#   bash bench/gpu_check.sh --dry-run              # CPU rehearsal: see below
+#
+# Flags:
+#   --out DIR       logs and the summary (default bench/results/gpu_check; dry run: a new
+#                   temporary folder)
+#   --budget S      seconds for the whole script (default 460; dry run 900)
+#   --only LIST     comma-separated steps to run (the others: skipped)
+#   --skip LIST     comma-separated steps not to run
+#   --python PY     the interpreter (default: python, else python3)
+#   --dry-run       rehearse on the CPU: TRITON_INTERPRET=1, CPU tensors, tiny shapes, a
+#                   subset of tests/gpu, results into OUT/results (a temporary folder; never
+#                   bench/results); must pass end to end on a machine without a GPU
+#                   (tests/test_gpu_check.py runs it)
+#   -h, --help      this text
+#
+# Requirements on the GPU machine: spar installed (pip install --no-deps -e .), torch with
+# CUDA, triton, pytest. Optional: scikit-learn (train is skipped without it), matplotlib
+# (no plots without it), nvidia-ml-py (no NVML telemetry without it), torch-blue and
+# bayesian-torch (their benchmark rows are skipped with a note without them).
+
+set -u -o pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+
+DRY=0
+OUT=""
+BUDGET=""
+ONLY=""
+SKIP=""
+PY=""
+STEPS=(env tests train kernels conv layers)
+
+usage() { sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --out) OUT="${2:?--out needs a folder}"; shift ;;
+    --out=*) OUT="${1#*=}" ;;
+    --budget) BUDGET="${2:?--budget needs seconds}"; shift ;;
+    --budget=*) BUDGET="${1#*=}" ;;
+    --only) ONLY="${2:?--only needs step names}"; shift ;;
+    --only=*) ONLY="${1#*=}" ;;
+    --skip) SKIP="${2:?--skip needs step names}"; shift ;;
+    --skip=*) SKIP="${1#*=}" ;;
+    --python) PY="${2:?--python needs an interpreter}"; shift ;;
+    --python=*) PY="${1#*=}" ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+for name in ${ONLY//,/ } ${SKIP//,/ }; do
+  case " ${STEPS[*]} " in
+    *" $name "*) ;;
+    *) echo "gpu_check.sh: unknown step '$name'; steps: ${STEPS[*]}" >&2; exit 2 ;;
+  esac
+done
+if [ -n "$BUDGET" ] && ! [[ "$BUDGET" =~ ^[0-9]+$ ]]; then
+  echo "gpu_check.sh: --budget must be whole seconds, got '$BUDGET'" >&2; exit 2
+fi
+# a relative --out is relative to where the script was called from
+if [ -n "$OUT" ] && [[ "$OUT" != /* ]]; then OUT="$PWD/$OUT"; fi
+cd "$ROOT" || exit 2
+if [ -z "$PY" ]; then
+  if command -v python >/dev/null 2>&1; then PY=python; else PY=python3; fi
+fi
+command -v "$PY" >/dev/null 2>&1 || { echo "gpu_check.sh: no interpreter '$PY'" >&2; exit 2; }
+if ! command -v timeout >/dev/null 2>&1; then
+  echo "gpu_check.sh: needs coreutils 'timeout'" >&2; exit 2
+fi
+
+if [ "$DRY" = 1 ]; then
+  OUT="${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/spar-gpu-check.XXXXXX")}"
+  RESULTS="$OUT/results"          # never bench/results
+  BUDGET="${BUDGET:-900}"
+  DEVICE=cpu
+  export TRITON_INTERPRET=1
+  export CUDA_VISIBLE_DEVICES=""  # CPU tensors even where a GPU is visible
+else
+  OUT="${OUT:-$ROOT/bench/results/gpu_check}"
+  RESULTS="$ROOT/bench/results"
+  BUDGET="${BUDGET:-460}"
+  DEVICE=cuda
+  unset TRITON_INTERPRET          # the kernels are compiled
+fi
+mkdir -p "$OUT" "$RESULTS" || exit 2
+OUT="$(cd "$OUT" && pwd)"
+RESULTS="$(cd "$RESULTS" && pwd)"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this checkout, installed or not
+unset SPAR_BACKEND SPAR_LINEAR_PATH SPAR_CHUNK_NUMEL RANK WORLD_SIZE LOCAL_RANK
+T_START=$(date +%s)
+STARTED_UTC=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+STATUS_FILE="$OUT/steps.tsv"
+: > "$STATUS_FILE"
+
+echo "gpu_check: $([ "$DRY" = 1 ] && echo 'DRY RUN (CPU, interpreter, tiny shapes)' || echo 'GPU run')," \
+     "budget ${BUDGET} s, logs in $OUT, results in $RESULTS"
+
+# --------------------------------------------------------------------------- runner
+
+wanted() {  # is step $1 selected by --only/--skip?
+  local name="$1"
+  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then return 1; fi
+  if [ -n "$SKIP" ] && [[ ",$SKIP," == *",$name,"* ]]; then return 1; fi
+  return 0
+}
+
+record() {  # step status seconds limit note
+  printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" >> "$STATUS_FILE"
+  printf '[gpu_check] %-8s %-8s %5ss (limit %ss) %s\n' "$1" "$2" "$3" "$4" "$5"
+}
+
+# run_step NAME LIMIT_S CMD...: the command under `timeout`, its output in OUT/NAME.log;
+# the limit is cut to the budget left; exit 77 from a step means "skipped" (its log says why)
+run_step() {
+  local name="$1" limit="$2"; shift 2
+  if ! wanted "$name"; then record "$name" skipped 0 "$limit" "not selected"; return 0; fi
+  local now left
+  now=$(date +%s)
+  left=$((BUDGET - (now - T_START) - 5))
+  if [ "$left" -lt 10 ]; then
+    record "$name" skipped 0 "$limit" "budget: ${left} s left"; return 0
+  fi
+  [ "$left" -lt "$limit" ] && limit="$left"
+  local log="$OUT/$name.log" t0 rc
+  echo "[gpu_check] $name: $* (limit ${limit} s)" | tee "$log"
+  t0=$(date +%s)
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" >> "$log" 2>&1
+  rc=$?
+  local dt=$(( $(date +%s) - t0 ))
+  if [ "$rc" = 0 ]; then
+    record "$name" ok "$dt" "$limit" ""
+  elif [ "$rc" = 77 ]; then
+    record "$name" skipped "$dt" "$limit" "$(grep -m1 '^SKIP:' "$log" | cut -c7-)"
+  elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    record "$name" failed "$dt" "$limit" "timeout (log: $name.log)"
+  else
+    record "$name" failed "$dt" "$limit" "exit $rc (log: $name.log)"
+  fi
+  tail -n 5 "$log" | sed "s/^/    $name| /"
+  return 0
+}
+
+# --------------------------------------------------------------------------- steps
+
+step_env() {
+  date -u
+  "$PY" -m spar info || return 1
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,temperature.gpu,power.draw,clocks.sm \
+      --format=csv || true
+  else
+    echo "nvidia-smi: not found"
+  fi
+  "$PY" - "$DEVICE" <<'EOF'
+import importlib, platform, sys
+import torch
+print(f"python {platform.python_version()}  torch {torch.__version__}  CUDA build "
+      f"{torch.version.cuda}  cudnn {torch.backends.cudnn.version()}")
+try:
+    import triton
+    print(f"triton {triton.__version__}")
+except Exception as e:  # noqa: BLE001
+    print(f"triton: does not import ({e})")
+for mod in ("pytest", "numpy", "sklearn", "matplotlib", "pynvml", "torch_blue", "bayesian_torch"):
+    try:
+        m = importlib.import_module(mod)
+        print(f"{mod:<15} {getattr(m, '__version__', 'present')}")
+    except Exception as e:  # noqa: BLE001
+        print(f"{mod:<15} missing ({type(e).__name__})")
+if sys.argv[1] == "cuda":
+    if not torch.cuda.is_available():
+        sys.exit("torch sees no CUDA device: every GPU step would fail")
+    d = torch.cuda.current_device()
+    p = torch.cuda.get_device_properties(d)
+    print(f"device {torch.cuda.get_device_name(d)}  sm_{p.major}{p.minor}  "
+          f"{p.total_memory / 2**30:.1f} GiB  {p.multi_processor_count} SMs")
+else:
+    print("device cpu (dry run)")
+EOF
+}
+
+step_tests() {
+  "$PY" -c "import pytest" 2>/dev/null || { echo "pytest is not installed"; return 1; }
+  local args=(-q -rfEs -p no:cacheprovider --junitxml="$OUT/tests_gpu.xml" tests/gpu)
+  if [ "$DRY" = 1 ]; then
+    # a cross-section (the whole folder takes ~1 min on 2 CPU cores; CI runs it in full)
+    TRITON_INTERPRET=1 SPAR_TEST_DEVICE=cpu "$PY" -m pytest "${args[@]}" \
+      -k "device or (primitive and (sampled_linear or lrt_noise)) or (linear and reparam) or philox"
+  else
+    # -v: one line per test as it ends, so a log cut short by the limit still says which
+    # checks passed (most of the time goes into compiling the kernels on first use)
+    TRITON_INTERPRET=0 SPAR_TEST_DEVICE=cuda "$PY" -m pytest "${args[@]}" -v --durations=10
+  fi
+}
+
+step_train() {
+  if ! "$PY" -c "import sklearn" 2>/dev/null; then
+    echo "SKIP: scikit-learn is not installed (spar train loads its digits)"; return 77
+  fi
+  local args=(train --device "$DEVICE" --nproc 1 --epochs 1 --no-progress --out "$OUT/train")
+  [ "$DRY" = 1 ] && args+=(--samples 1 --batch-size 1024)
+  "$PY" -m spar "${args[@]}"
+}
+
+step_kernels() {
+  local args=(bench/bench_kernels.py --device "$DEVICE" --op linear --csv "$RESULTS/kernels_gpu.csv"
+              --png "$RESULTS/kernels_gpu.png")
+  if [ "$DRY" = 1 ]; then
+    args+=(--samples 2 --batch 4 --features 24 40 --dtype fp32 --modes full --min-run-time 0.02
+           --max-wait 0)
+  else
+    args+=(--samples 16 64 --batch 128 --features 4096 4096 --dtype bf16 --rep 50)
+  fi
+  "$PY" "${args[@]}"
+}
+
+step_conv() {
+  local args=(bench/bench_kernels.py --device "$DEVICE" --op conv --csv "$RESULTS/kernels_gpu.csv"
+              --png "$RESULTS/kernels_conv_gpu.png")
+  if [ "$DRY" = 1 ]; then
+    args+=(--samples 2 --batch 2 --conv 3 4 6 3 --dtype fp32 --modes full --min-run-time 0.02
+           --max-wait 0)
+  else
+    args+=(--samples 8 32 --batch 32 --conv 64 64 32 3 --dtype bf16 --rep 50)
+  fi
+  "$PY" "${args[@]}"
+}
+
+step_layers() {
+  local args=(bench/bench_layers.py --device "$DEVICE" --csv "$RESULTS/layers_gpu.csv" --busy -1
+              --max-wait 0 --quick)
+  if [ "$DRY" = 1 ]; then
+    args+=(--config small --samples 2 --providers spar deterministic --budget-s 0.5 --no-memory)
+  else
+    args+=(--config mlp small cnn --budget-s 3)
+  fi
+  "$PY" "${args[@]}"
+}
+
+# --------------------------------------------------------------------------- run
+
+if [ "$DRY" = 1 ]; then
+  L_ENV=120; L_TESTS=300; L_TRAIN=300; L_KERNELS=240; L_CONV=240; L_LAYERS=240
+else
+  L_ENV=30; L_TESTS=180; L_TRAIN=70; L_KERNELS=60; L_CONV=50; L_LAYERS=60
+fi
+export -f step_env step_tests step_train step_kernels step_conv step_layers
+export PY DEVICE DRY OUT RESULTS
+
+run_step env "$L_ENV" bash -c step_env
+if [ "$DRY" = 0 ] && ! grep -q $'^env\tok' "$STATUS_FILE" && wanted env; then
+  echo "[gpu_check] the environment check failed (see env.log): the GPU steps would all fail"
+fi
+run_step tests "$L_TESTS" bash -c step_tests
+run_step train "$L_TRAIN" bash -c step_train
+run_step kernels "$L_KERNELS" bash -c step_kernels
+run_step conv "$L_CONV" bash -c step_conv
+run_step layers "$L_LAYERS" bash -c step_layers
+
+# --------------------------------------------------------------------------- summary
+
+mkdir -p "$OUT/results"
+for f in "$RESULTS"/kernels_gpu.csv "$RESULTS"/kernels_gpu.png "$RESULTS"/kernels_conv_gpu.png \
+         "$RESULTS"/layers_gpu.csv "$RESULTS"/layers_gpu.md "$RESULTS"/layers_gpu.png; do
+  [ -f "$f" ] && [ "$(dirname "$f")" != "$OUT/results" ] && cp -f "$f" "$OUT/results/"
+done
+
+"$PY" - "$OUT" "$RESULTS" "$STARTED_UTC" "$DEVICE" "$T_START" <<'EOF'
+"""The summary: one line per step with its key numbers; gpu_check_gpu.csv rows."""
+import csv, json, os, re, sys, time
+from pathlib import Path
+
+out, results, started, device, t_start = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+
+
+def read(path):
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return []
+
+
+def log(name):
+    try:
+        return (out / f"{name}.log").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+device_name = ""
+m = re.search(r"^device (.+?)(  sm_|$)", log("env"), flags=re.MULTILINE)
+if m:
+    device_name = m.group(1).strip()
+if device == "cpu" or not device_name:
+    try:
+        cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        device_name = device_name if device == "cuda" and device_name else (cpu.group(1).strip() if cpu else "cpu")
+    except OSError:
+        device_name = device_name or "cpu"
+
+
+def key_numbers(step):
+    text = log(step)
+    if step == "env":
+        v = re.search(r"^python (\S+)\s+torch (\S+)", text, re.M)
+        t = re.search(r"^triton (\S+)", text, re.M)
+        return f"{device_name}; torch {v.group(2) if v else '?'}; triton {t.group(1) if t else '?'}"
+    if step == "tests":
+        m = re.findall(r"^=*\s*(\d+ (?:passed|failed|error|errors|skipped|deselected)\b.*?) in "
+                       r"[\d.]+s", text, re.M)
+        return m[-1] if m else ""
+    if step == "train":
+        try:
+            r = json.loads((out / "train" / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return ""
+        spe = r.get("seconds_per_epoch")
+        peak = r.get("peak_memory_mib") or [0]
+        return (f"acc {r['accuracy']:.3f}, {spe:.2f} s/epoch, first {r['seconds_first_epoch']:.1f} s, "
+                f"peak {max(peak):.0f} MiB ({r.get('peak_memory_source', '?')})")
+    if step in ("kernels", "conv"):
+        op = "linear" if step == "kernels" else "conv"
+        rows = [r for r in read(results / "kernels_gpu.csv")
+                if r.get("date", "") >= started and (r.get("op") or "linear") == op
+                and r.get("mode") == "full" and r.get("provider", "").startswith("spar")]
+        parts = [f"S={r['S']} {r['provider']} {r['ratio_to_bmm'] or '?'}x floor, "
+                 f"mem {r['mem_ratio'] or '?'}x|W|" for r in rows]
+        return "; ".join(parts)
+    if step == "layers":
+        rows = [r for r in read(results / "layers_gpu.csv") if r.get("run", "") >= started]
+        parts = [f"{r['config']} S={r['samples']} {r['provider']} {r['median_ms']} ms"
+                 + (f" ({r['time_vs_spar']}x spar)" if r["provider"] != "spar" else "")
+                 for r in rows]
+        return "; ".join(parts)
+    return ""
+
+
+steps = []
+for line in (out / "steps.tsv").read_text().splitlines():
+    name, status, secs, limit, note = (line.split("\t") + [""] * 5)[:5]
+    steps.append(dict(step=name, status=status, seconds=secs, limit=limit, note=note))
+for s in steps:
+    if s["status"] != "skipped" or s["note"] == "":
+        try:
+            s["numbers"] = key_numbers(s["step"]) if s["status"] != "skipped" else ""
+        except Exception as e:  # noqa: BLE001 - a summary never fails the run
+            s["numbers"] = f"(summary error: {type(e).__name__}: {e})"
+    else:
+        s["numbers"] = ""
+
+total = int(time.time()) - t_start
+lines = [f"gpu_check summary: {device_name} ({device}), started {started}, {total} s in all",
+         f"{'step':<8} {'status':<8} {'time':>6} {'limit':>6}  key numbers / note"]
+for s in steps:
+    info = "  ".join(x for x in (s["numbers"], s["note"]) if x)
+    lines.append(f"{s['step']:<8} {s['status']:<8} {s['seconds']:>5}s {s['limit']:>5}s  {info}")
+text = "\n".join(lines)
+print("\n" + text)
+(out / "summary.txt").write_text(text + "\n")
+
+rows = [dict(date=started, device=device, device_name=device_name, step=s["step"],
+             status=s["status"], seconds=s["seconds"], limit_s=s["limit"],
+             key_numbers=s["numbers"], note=s["note"]) for s in steps]
+path = results / "gpu_check_gpu.csv"
+new = not path.exists()
+with open(path, "a", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    if new:
+        w.writeheader()
+    w.writerows(rows)
+if path.parent != out / "results":
+    import shutil
+    shutil.copy(path, out / "results" / path.name)
+EOF
+
+if grep -q $'\tfailed\t' "$STATUS_FILE"; then
+  echo "gpu_check: FAILED steps above (logs in $OUT)"
+  exit 1
+fi
+echo "gpu_check: every step that ran passed (logs in $OUT)"
+exit 0

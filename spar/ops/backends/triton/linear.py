@@ -21,16 +21,18 @@ mean); x is ``(S*B, K)`` folded sample-major, or one ``(B, K)`` shared by every 
 Dispatch rule (``SPAR_LINEAR_PATH=auto``, the default; ``fused``/``chunked`` force one)
 ----------------------------------------------------------------------------------------
 The fused forward and dx kernels regenerate a weight tile for every ``BLOCK_M`` rows of a
-sample's batch. Generating one normal costs a Philox4x32-10 quarter (~40 integer ops) and
-half a Box-Muller (log, sqrt, sin/cos): on an H100 that is several times the tensor-core
-work of one multiply-add per weight element per row, so the noise, not the GEMM, sets the
-fused kernel's time, and it grows as ``ceil(B / BLOCK_M)``. With ``BLOCK_M`` up to 128
-and ``B <= FUSED_MAX_ROWS = 128`` every weight element's noise is generated once per
-kernel, the minimum any path needs, and the fused path also saves the chunked path's
-workspace write + read and its per-sample ``dW``: it takes ``B <= 128``. Above that the
-chunked path generates each weight once per sample whatever ``B`` is, and cuBLAS runs at
-full efficiency on the tall GEMMs: it takes ``B > 128``. The threshold is a module
-constant so that ``bench/bench_kernels.py`` measurements on a GPU can move it.
+sample's batch. Generating one normal costs about 60 SASS instructions on sm_90 (a quarter
+of a Philox4x32-10 call, ~15, and half a precise Box-Muller, ~45: ``bench/cost_model.py``):
+on an H100 that is predicted at about 8x the tensor-core work of a 128-row sample, so the
+noise, not the GEMM, sets the fused kernel's time, and it grows as ``ceil(B / BLOCK_M)``.
+With ``BLOCK_M`` up to 128 and ``B <= FUSED_MAX_ROWS = 128`` every weight element's noise
+is generated once per kernel, the minimum any path needs, and the fused path also saves the
+chunked path's workspace write + read and its per-sample ``dW``: it takes ``B <= 128``.
+Above that the chunked path generates each weight once per sample whatever ``B`` is, and
+cuBLAS runs at full efficiency on the tall GEMMs: it takes ``B > 128``. The cost model
+(``bench/results/cost_model.md``, predicted) puts the crossover between 128 and 256 rows.
+The threshold is a module constant so that ``bench/bench_kernels.py`` measurements on a
+GPU can move it.
 
 Order in this file: kernels -> launchers -> the primitive's forward and backward.
 """
@@ -63,6 +65,10 @@ from spar.ops.backends.triton.sample import sample_weights, sample_weights_backw
 from spar.ops.library import chunk_samples
 from spar.rng import NoiseKey
 
+# Kept at 128 by the cost model (bench/cost_model.py; bench/results/cost_model.md, all
+# figures predicted, none measured): fused over chunked step time at B = 128 is 0.47-0.82
+# on every modelled layer (4096x4096, 1024x1024, 4096x1024; S = 16, bf16) on H100 and H200;
+# at B = 256 it is 0.77-1.10 on the H100 but 1.05-1.31 on the H200; at 512, 1.24-1.91.
 FUSED_MAX_ROWS = 128
 
 # ---------------------------------------------------------------------------------------
@@ -327,6 +333,13 @@ def default_config(kernel: str, B: int, dtype: torch.dtype) -> KernelConfig:
     ptxas): generating a weight tile costs registers for the Philox state and the precise
     sin/cos/log of Box-Muller, so a program makes at most ~8 noise elements per thread per
     step, and the fp32 ``ieee`` dot (FMA, not tensor cores) gets smaller tiles still.
+
+    The cost model (``bench/results/cost_model.md``) keeps these tables: in bf16,
+    ``BLOCK_M = 128`` already generates a tile once per sample for ``B <= 128`` (the
+    minimum); in fp32, 128-row fwd/dx tiles are predicted 25 %/50 % cheaper per row but
+    need 221-238 registers and spill when compiled without the 16-divisibility
+    specialisation, so they wait for a GPU measurement. (On sm_80 the bf16 fwd/dx tiles
+    for ``B = 128`` spill: these tables are for Hopper.)
     """
     if interpret():
         # few, large programs: each interpreted program costs Python overhead per op

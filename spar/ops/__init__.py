@@ -3,7 +3,8 @@
 :func:`bayes_linear` and :func:`bayes_conv` draw ``key.num_samples`` weight samples per
 call. They validate their inputs (on every backend), then run the estimator, written here
 once in terms of *primitives* that the backends supply (:mod:`spar.ops.dispatch` says
-which backend runs each one; :mod:`spar.ops.library` how a backend defines them):
+which backend runs each one, for the device and the dtype of the call;
+:mod:`spar.ops.library` how a backend defines them):
 
 ``sampled_linear`` / ``sampled_conv``
     ``y_s = op(x_s, mu + softplus(rho) * eps_s)`` with the weights drawn from the noise key
@@ -131,7 +132,7 @@ def _add_bias(y: Tensor, bias_mu, bias_rho, key: NoiseKey, bias_id: int) -> Tens
     plain autograd through the keyed normals)."""
     if bias_mu is None:
         return y
-    eps = resolve("normal", y.device)(bias_mu, key, bias_id, *bias_mu.shape)
+    eps = resolve("normal", y.device, bias_rho.dtype)(bias_mu, key, bias_id, *bias_mu.shape)
     b = torch.addcmul(bias_mu, F.softplus(bias_rho), eps.to(bias_mu.dtype)).to(y.dtype)
     S, N = b.shape
     b = b.view(S, 1, N, *([1] * (y.dim() - 2)))
@@ -156,7 +157,7 @@ def _estimate(
 ) -> Tensor:
     """The three estimators for any layer type: ``det(x, w, b)`` is the deterministic op
     (parameters cast to x's dtype), ``sampled(x, mu, rho, key, pid, shared, *static)`` the
-    layer's sampled primitive."""
+    layer's sampled primitive (resolved for the parameters' dtype)."""
     S, dt, dev = key.num_samples, x.dtype, x.device
     if estimator == "reparam":
         y = sampled(x, weight_mu, weight_rho, key, weight_id, int(shared), *static)
@@ -165,10 +166,10 @@ def _estimate(
         var_b = None if bias_rho is None else F.softplus(bias_rho).square().to(dt)
         mean = det(x, weight_mu.to(dt), None if bias_mu is None else bias_mu.to(dt))
         var = det(x * x, F.softplus(weight_rho).square().to(dt), var_b)
-        noise = resolve("lrt_noise", dev)(var, key, noise_ids[0], int(shared))
+        noise = resolve("lrt_noise", dev, var.dtype)(var, key, noise_ids[0], int(shared))
         return _fold_add(noise, mean, S, shared)
     # flipout
-    sign_mul = resolve("sign_mul", dev)
+    sign_mul = resolve("sign_mul", dev, dt)
     x_in = sign_mul(x, key, noise_ids[0], int(shared))
     pert = sampled(x_in, None, weight_rho, key, weight_id, 0, *static)
     base = det(x, weight_mu.to(dt), None)
@@ -206,9 +207,10 @@ def bayes_linear(
             f"got shape {tuple(x.shape)}"
         )
     _check_call(x, key, estimator, shared_input, noise_ids)
+    sampled = resolve("sampled_linear", x.device, weight_rho.dtype)
     return _estimate(
-        F.linear, resolve("sampled_linear", x.device), (), x, weight_mu, weight_rho, bias_mu,
-        bias_rho, key, weight_id, bias_id, estimator, shared_input, noise_ids,
+        F.linear, sampled, (), x, weight_mu, weight_rho, bias_mu, bias_rho, key, weight_id,
+        bias_id, estimator, shared_input, noise_ids,
     )  # fmt: skip
 
 
@@ -265,8 +267,9 @@ def bayes_conv(
     stride, padding, dilation = geometry
     kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     conv = _CONV[nd]
+    sampled = resolve("sampled_conv", x.device, weight_rho.dtype)
     return _estimate(
-        lambda x_, w, b: conv(x_, w, b, **kw), resolve("sampled_conv", x.device),
+        lambda x_, w, b: conv(x_, w, b, **kw), sampled,
         (groups, *stride, *padding, *dilation), x, weight_mu, weight_rho, bias_mu, bias_rho,
         key, weight_id, bias_id, estimator, shared_input, noise_ids,
     )  # fmt: skip

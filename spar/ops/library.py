@@ -126,10 +126,12 @@ def _fake_grads(dy, inputs, step, key, static, needs):
     ]
 
 
-def define(primitive: str, backend: str, forward: Callable, backward: Callable | None = None):
+def define(primitive: str, backend: str, forward: Callable, backward: Callable | None = None,
+           *, dtypes: Sequence[torch.dtype] | None = None):  # fmt: skip
     """Register ``backend``'s implementation of ``primitive`` as the custom ops
     ``spar::{backend}_{primitive}`` (and ``..._backward`` when ``backward`` is given, i.e.
-    for every primitive but ``normal``) and with the dispatcher; returns
+    for every primitive but ``normal``) and with the dispatcher, serving ``dtypes`` (None:
+    every dtype; see :mod:`spar.ops.dispatch` for which tensor's dtype counts); returns
     ``apply(*inputs, key, *static)``, differentiable w.r.t. the tensor inputs."""
     fake = FAKES[primitive]
     name = f"{backend}_{primitive}"
@@ -158,7 +160,7 @@ def define(primitive: str, backend: str, forward: Callable, backward: Callable |
             inputs = [t.detach() if isinstance(t, Tensor) else t for t in inputs]
             return call_forward(inputs, step, ints, list(static))
 
-        dispatch.register(primitive, backend, apply_nograd)
+        dispatch.register(primitive, backend, apply_nograd, dtypes)
         return apply_nograd
 
     def bwd_impl(dy: Tensor, inputs: Sequence[Tensor | None], step: Tensor, key: Sequence[int],
@@ -204,5 +206,5 @@ def define(primitive: str, backend: str, forward: Callable, backward: Callable |
         step, ints = pack_key(key)
         return Fn.apply(step, ints, [int(s) for s in static], *inputs)
 
-    dispatch.register(primitive, backend, apply)
+    dispatch.register(primitive, backend, apply, dtypes)
     return apply

@@ -419,10 +419,11 @@ def test_primitive_follows_the_path_rule(monkeypatch):
     assert run(1, 3, True, "fused") == fused
 
 
-def test_triton_backend_primitives_and_conv_fallback(monkeypatch):
+def test_triton_backend_primitives_and_dtype_fallback(monkeypatch):
     """On CPU tensors ``auto`` takes the torch backend; ``SPAR_BACKEND=triton`` takes
-    Triton for every primitive it implements and torch for ``sampled_conv``."""
-    own = ("sampled_linear", "lrt_noise", "sign_mul", "normal")
+    Triton for every primitive (``sampled_conv`` included: Triton sampling + cuDNN) and
+    torch for a dtype the Triton primitive does not serve (fp64)."""
+    own = ("sampled_linear", "sampled_conv", "lrt_noise", "sign_mul", "normal")
     monkeypatch.setenv("SPAR_BACKEND", "auto")
     for p in dispatch.PRIMITIVES:
         assert dispatch.backend_for(p, CPU) == "torch", p
@@ -432,15 +433,16 @@ def test_triton_backend_primitives_and_conv_fallback(monkeypatch):
     assert dispatch.implemented("triton") == own
     for p in dispatch.PRIMITIVES:
         fn = dispatch.resolve(p, CPU)
-        if p in own:
-            assert dispatch.backend_for(p, CPU) == "triton" and fn is not torch_fns[p], p
-        else:
-            assert dispatch.backend_for(p, CPU) == "torch" and fn is torch_fns[p], p
+        assert dispatch.backend_for(p, CPU) == "triton" and fn is not torch_fns[p], p
+        served = dispatch.served_dtypes(p, "triton")
+        if served is not None and torch.float64 not in served:
+            assert dispatch.backend_for(p, CPU, torch.float64) == "torch", p
 
 
 def test_input_validation(monkeypatch):
-    """The public op's checks run before the backend; the backend itself refuses what it
-    cannot run (non-fp32 parameters, CPU tensors outside the interpreter)."""
+    """The public op's checks run before the backend; 16-bit parameters are not served by
+    the Triton primitive (the dispatcher sends them to torch) and the primitive itself
+    refuses them; CPU tensors outside the interpreter are refused."""
     x, mu, rho, bmu, brho, key = _make(2, 3, 8, 6, shared=False, bias=True)
     kw = dict(weight_id=WID, bias_id=BID)
     with pytest.raises(ValueError, match=r"x must be \(S\*B, 6\)"):
@@ -456,8 +458,9 @@ def test_input_validation(monkeypatch):
     with pytest.raises(ValueError, match="estimator"):
         bayes_linear(x, mu, rho, bmu, brho, key, estimator="mc", **kw)
     half = [t.half() for t in (x, mu, rho, bmu, brho)]
+    assert dispatch.backend_for("sampled_linear", CPU, torch.float16) == "torch"
     with pytest.raises(TypeError, match="fp32 parameters"):
-        bayes_linear(*half, key, **kw)
+        lt.sampled_linear_forward(half[0], half[1], half[2], key, WID, 0)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     for estimator in ("reparam", "lrt", "flipout"):
         with pytest.raises(RuntimeError, match="CUDA tensors"):

@@ -1,5 +1,7 @@
-"""The torch backend: every primitive, on every device, in plain torch ops (noise from
-:mod:`spar.rng`). It is the fallback of every other backend (see :mod:`spar.ops.dispatch`)."""
+"""The torch backend: every primitive, on every device and for every dtype, in plain torch
+ops. Its noise comes from :mod:`spar.rng`, except on CUDA tensors, where the Triton kernels
+draw it (:mod:`spar.ops.backends.torch.generator`). It is the fallback of every other
+backend (see :mod:`spar.ops.dispatch`)."""
 
 from spar.ops.backends.torch import noise, sampled
 from spar.ops.library import define

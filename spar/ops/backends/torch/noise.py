@@ -6,7 +6,8 @@ col = j)`` of global sample ``first_sample + s``, where ``j`` indexes the exampl
 flattened features. A rank holding examples ``[data_offset, data_offset + B)`` therefore
 draws what one process holding the whole batch draws for them (I3). Tensors are folded
 ``(S*B, ...)``, or shared ``(B, ...)`` where all samples read the same rows (broadcast, and
-the gradient is the sum over samples). The noise is regenerated in backward.
+the gradient is the sum over samples). The noise is regenerated in backward, by the
+generator of the tensors' device (:mod:`spar.ops.backends.torch.generator`: Triton on CUDA).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from spar.ops.backends.torch import generator
 from spar.ops.library import VAR_FLOOR
 from spar.rng import NoiseKey
 
@@ -26,7 +28,7 @@ def _per_sample(t: Tensor, S: int, shared: int) -> Tensor:
 def _example_noise(t: Tensor, key: NoiseKey, noise_id: int, shared: int) -> Tensor:
     """fp32 normals ``(S, B, ...)`` for the examples of ``t``."""
     B = t.shape[0] if shared else t.shape[0] // key.num_samples
-    return key.normal(noise_id, (B, *t.shape[1:]), first_row=key.data_offset, device=t.device)
+    return generator.normal(key, noise_id, (B, *t.shape[1:]), t.device, first_row=key.data_offset)
 
 
 def _at_least_fp32(t: Tensor) -> Tensor:
@@ -70,4 +72,4 @@ def sign_mul_backward(dy, x, key, noise_id, shared, needs):
 
 def normal_forward(like: Tensor, key: NoiseKey, pid: int, *shape: int) -> Tensor:
     """fp32 normals ``(S, *shape)`` of parameter ``pid``, on ``like``'s device."""
-    return key.normal(pid, shape, device=like.device)
+    return generator.normal(key, pid, tuple(shape), like.device)

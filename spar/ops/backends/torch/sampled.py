@@ -1,11 +1,17 @@
-"""``sampled_linear`` and ``sampled_conv`` on the torch backend (any device).
+"""``sampled_linear`` and ``sampled_conv`` on the torch backend (any device), and the chunk
+loops that the Triton backend's ``sampled_conv`` shares.
 
 ``y_s = op(x_s, W_s)`` with ``W_s = mu + softplus(rho) * eps_s`` for the key's S samples
 (``mu=None``: the zero-mean perturbation of flipout). Forward and backward walk the
 samples in chunks of at most ``SPAR_CHUNK_NUMEL`` weight elements (at least one sample);
-for each chunk the noise is regenerated from the key (:mod:`spar.rng`), the chunk's
-weights are formed, used and dropped. Autograd saves ``x`` and the parameters, never
-``eps`` or ``W_s``: extra memory is one chunk of weights whatever ``S`` is.
+for each chunk a *sampler* (:mod:`spar.ops.backends.torch.generator`) regenerates the
+chunk's weights from the key, torch runs the GEMM or convolution, and in backward the
+sampler reduces the chunk's per-sample weight gradients into ``grad_mu``/``grad_rho``
+(eps regenerated again). Autograd saves ``x`` and the parameters, never ``eps`` or
+``W_s``: extra memory is one chunk of weights whatever ``S`` is. The loops take the
+sampler class as ``make_sampler``: the torch backend's own (:mod:`spar.rng` noise; the
+Triton generator on CUDA) by default, :class:`~spar.ops.backends.triton.sample.TritonSampler`
+from the Triton backend.
 
 Convolutions run a chunk of samples as one grouped convolution (samples become channel
 groups). A shared input ``(B, ...)`` (the first layer of a model) is read once: linear
@@ -21,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from spar.ops.backends.torch.generator import sampler_for
 from spar.ops.library import chunk_samples
 from spar.rng import NoiseKey
 
@@ -33,82 +40,63 @@ def chunks(num_samples: int, numel_per_sample: int) -> Iterator[tuple[int, int]]
         yield lo, min(num_samples, lo + c)
 
 
-def _weights(key: NoiseKey, pid: int, mu: Tensor | None, sig: Tensor, lo: int, hi: int,
-             dtype: torch.dtype) -> Tensor:  # fmt: skip
-    """Weights of local samples ``[lo, hi)`` in ``dtype`` (``mu=None``: zero mean), formed in
-    the generator's loop."""
-    return key.sample(pid, mu, sig, samples=(lo, hi), dtype=dtype)
-
-
-def _param_grads(g_w: Tensor, key: NoiseKey, pid: int, lo: int, hi: int, g_mu: Tensor | None,
-                 g_eps: Tensor | None) -> None:  # fmt: skip
-    """Add a chunk's per-sample weight gradients ``g_w (c, *W)`` into ``g_mu`` (their sum)
-    and ``g_eps`` (their sum weighted by the regenerated noise)."""
-    if g_mu is not None:
-        g_mu += g_w.sum(0)
-    if g_eps is not None:
-        key.eps_dot(pid, g_w, g_eps, samples=(lo, hi))  # the noise regenerated, not stored
-
-
-def _grad_buffers(rho: Tensor, need_mu: bool, need_rho: bool):
-    g_mu = rho.new_zeros(rho.shape) if need_mu else None
-    g_eps = rho.new_zeros(rho.shape) if need_rho else None
-    return g_mu, g_eps
-
-
-def _finish_rho(g_eps: Tensor | None, rho: Tensor) -> Tensor | None:
-    # d softplus(rho) / d rho = sigmoid(rho)
-    return None if g_eps is None else g_eps.mul_(torch.sigmoid(rho))
+def _sampler(make_sampler: type | None, key: NoiseKey, pid: int, mu: Tensor | None,
+             rho: Tensor, need_mu: bool = False, need_rho: bool = False):  # fmt: skip
+    """A sampler (:mod:`spar.ops.backends.torch.generator`) for this call: ``make_sampler``,
+    or the torch backend's own for ``rho``'s device."""
+    make = make_sampler or sampler_for(rho.device)
+    return make(key, pid, mu, rho, need_mu, need_rho)
 
 
 # --- linear -------------------------------------------------------------------------------
 
 
 def linear_forward(x: Tensor, mu: Tensor | None, rho: Tensor, key: NoiseKey, pid: int,
-                   shared: int) -> Tensor:  # fmt: skip
+                   shared: int, *, make_sampler: type | None = None) -> Tensor:  # fmt: skip
     """x ``(S*B, K)`` or shared ``(B, K)`` -> ``(S*B, N)``."""
     S = key.num_samples
     N, K = rho.shape
-    sig = F.softplus(rho)
+    sampler = _sampler(make_sampler, key, pid, mu, rho)
     xs = x.unsqueeze(0) if shared else x.view(S, -1, K)
     B = xs.shape[1]
     y = x.new_empty(S, B, N)
     for lo, hi in chunks(S, rho.numel()):
-        w = _weights(key, pid, mu, sig, lo, hi, x.dtype)
+        w = sampler.weights(lo, hi, x.dtype)
         torch.matmul(xs if shared else xs[lo:hi], w.transpose(1, 2), out=y[lo:hi])
         del w  # before the next chunk's weights are drawn
     return y.view(S * B, N)
 
 
 def linear_backward(dy: Tensor, x: Tensor, mu: Tensor | None, rho: Tensor, key: NoiseKey,
-                    pid: int, shared: int, needs: tuple[bool, ...]) -> tuple:  # fmt: skip
+                    pid: int, shared: int, needs: tuple[bool, ...], *,
+                    make_sampler: type | None = None) -> tuple:  # fmt: skip
     need_x, need_mu, need_rho = needs
     S = key.num_samples
     N, K = rho.shape
-    sig = F.softplus(rho)
+    need_mu = need_mu and mu is not None
+    sampler = _sampler(make_sampler, key, pid, mu, rho, need_mu, need_rho)
     xs = x.unsqueeze(0) if shared else x.view(S, -1, K)
     dys = dy.view(S, -1, N)
     dx = None
     if need_x:
         dx = x.new_zeros(x.shape) if shared else x.new_empty(S, xs.shape[1], K)
-    g_mu, g_eps = _grad_buffers(rho, need_mu and mu is not None, need_rho)
     for lo, hi in chunks(S, rho.numel()):
         dy_c = dys[lo:hi]
         if need_x:
-            w = _weights(key, pid, mu, sig, lo, hi, dy.dtype)
+            w = sampler.weights(lo, hi, dy.dtype)
             dx_c = torch.matmul(dy_c, w)  # (c, B, K)
             del w  # free the chunk's weights before the weight gradients are formed
             if shared:
                 dx += dx_c.sum(0)
             else:
                 dx[lo:hi] = dx_c
-        if g_mu is not None or g_eps is not None:
+        if need_mu or need_rho:
             g_w = torch.matmul(dy_c.transpose(1, 2), xs if shared else xs[lo:hi])
-            _param_grads(g_w.to(rho.dtype), key, pid, lo, hi, g_mu, g_eps)
+            sampler.add_grads(g_w, lo, hi)
             del g_w
     if dx is not None and not shared:
         dx = dx.view(x.shape)
-    return dx, g_mu, _finish_rho(g_eps, rho)
+    return dx, *sampler.grads()
 
 
 # --- N-d convolution ----------------------------------------------------------------------
@@ -155,17 +143,18 @@ def _from_groups(t: Tensor, c: int, groups: int, shared: int) -> Tensor:
 
 
 def conv_forward(x: Tensor, mu: Tensor | None, rho: Tensor, key: NoiseKey, pid: int,
-                 shared: int, groups: int, *geometry: int) -> Tensor:  # fmt: skip
+                 shared: int, groups: int, *geometry: int,
+                 make_sampler: type | None = None) -> Tensor:  # fmt: skip
     """x ``(S*B, C, *sp)`` or shared ``(B, C, *sp)`` -> ``(S*B, O, *sp_out)``, contiguous."""
     stride, padding, dilation = _geometry(rho, geometry)
     S = key.num_samples
     conv = _CONV[rho.dim() - 2]
-    sig = F.softplus(rho)
+    sampler = _sampler(make_sampler, key, pid, mu, rho)
     xs = None if shared else x.unflatten(0, (S, -1))
     outs = []
     for lo, hi in chunks(S, rho.numel()):
         c = hi - lo
-        w, g = _conv_weight(_weights(key, pid, mu, sig, lo, hi, x.dtype), groups, shared)
+        w, g = _conv_weight(sampler.weights(lo, hi, x.dtype), groups, shared)
         x_c = x if shared else _to_groups(xs[lo:hi], c, groups, shared)
         y = conv(x_c, w, None, stride, padding, dilation, g)
         outs.append(_from_groups(y, c, groups, shared).flatten(0, 1))
@@ -174,25 +163,26 @@ def conv_forward(x: Tensor, mu: Tensor | None, rho: Tensor, key: NoiseKey, pid: 
 
 
 def conv_backward(dy: Tensor, x: Tensor, mu: Tensor | None, rho: Tensor, key: NoiseKey,
-                  pid: int, shared: int, groups: int, *rest) -> tuple:  # fmt: skip
+                  pid: int, shared: int, groups: int, *rest,
+                  make_sampler: type | None = None) -> tuple:  # fmt: skip
     """``rest``: the geometry of :func:`conv_forward`, then ``needs``."""
     *geometry, needs = rest
     stride, padding, dilation = _geometry(rho, tuple(geometry))
     need_x, need_mu, need_rho = needs
     S = key.num_samples
     nd = rho.dim() - 2
-    sig = F.softplus(rho)
+    need_mu = need_mu and mu is not None
+    sampler = _sampler(make_sampler, key, pid, mu, rho, need_mu, need_rho)
     xs = None if shared else x.unflatten(0, (S, -1))
     dys = dy.unflatten(0, (S, -1))
     dx = None
     if need_x:
         dx = x.new_zeros(x.shape) if shared else x.new_empty(x.shape).unflatten(0, (S, -1))
-    g_mu, g_eps = _grad_buffers(rho, need_mu and mu is not None, need_rho)
-    need_w = g_mu is not None or g_eps is not None
+    need_w = need_mu or need_rho
     for lo, hi in chunks(S, rho.numel()):
         c = hi - lo
         if need_x:
-            w = _weights(key, pid, mu, sig, lo, hi, x.dtype)
+            w = sampler.weights(lo, hi, x.dtype)
         else:  # the weight gradient reads only the weight's shape: no noise drawn
             w = x.new_zeros(()).expand(c, *rho.shape)
         w, g = _conv_weight(w, groups, shared)
@@ -208,8 +198,7 @@ def conv_backward(dy: Tensor, x: Tensor, mu: Tensor | None, rho: Tensor, key: No
             else:
                 dx[lo:hi] = _from_groups(gx, c, groups, shared)
         if need_w:
-            g_w = _conv_weight_grad(gw.to(rho.dtype), c, groups, shared)
-            _param_grads(g_w, key, pid, lo, hi, g_mu, g_eps)
+            sampler.add_grads(_conv_weight_grad(gw, c, groups, shared), lo, hi)
     if dx is not None and not shared:
         dx = dx.flatten(0, 1)
-    return dx, g_mu, _finish_rho(g_eps, rho)
+    return dx, *sampler.grads()

@@ -156,6 +156,23 @@ def _launch(kernel, t: Tensor, out_dtype: torch.dtype, key: NoiseKey, noise_id: 
     return out.view(S * B, *t.shape[1:])
 
 
+def keyed_normal(key: NoiseKey, pid: int, shape: tuple[int, ...], device: torch.device, *,
+                 first_row: int = 0) -> Tensor:  # fmt: skip
+    """fp32 normals ``(S, *shape)`` of ``pid`` for the key's samples, rows shifted by
+    ``first_row`` (per-example noise: the global index of the first example): what
+    ``key.normal(pid, shape, first_row=first_row)`` of :mod:`spar.rng` returns. The
+    sampling kernel with ``sigma = 1`` (``1 * eps`` is exact)."""
+    shape = tuple(int(d) for d in shape)
+    rows = shape[0] if len(shape) > 1 else 1
+    numel = 1
+    for d in shape:
+        numel *= d
+    ones = torch.ones((), dtype=torch.float32, device=device)
+    eps = sample_weights(None, ones.expand(rows, numel // max(rows, 1)), key, pid,
+                         first_row=first_row)  # fmt: skip
+    return eps.view(key.num_samples, *shape)
+
+
 def _sum_if_shared(g: Tensor, S: int, shared: int, dtype: torch.dtype) -> Tensor:
     return g.unflatten(0, (S, -1)).sum(0, dtype=torch.float32).to(dtype) if shared else g
 
@@ -191,12 +208,6 @@ def sign_mul_backward(dy, x, key, noise_id, shared, needs):
 
 
 def normal_forward(like: Tensor, key: NoiseKey, pid: int, *shape: int) -> Tensor:
-    """fp32 normals ``(S, *shape)`` of parameter ``pid`` (the sampling kernel with
-    ``sigma = 1``; a vector is one row of the key's 2-D view)."""
-    ones = torch.ones((), dtype=torch.float32, device=like.device)
-    rows = shape[0] if len(shape) > 1 else 1
-    numel = 1
-    for d in shape:
-        numel *= d
-    eps = sample_weights(None, ones.expand(rows, numel // max(rows, 1)), key, pid)
-    return eps.view(key.num_samples, *shape)
+    """fp32 normals ``(S, *shape)`` of parameter ``pid`` (a vector is one row of the key's
+    2-D view)."""
+    return keyed_normal(key, pid, shape, like.device)

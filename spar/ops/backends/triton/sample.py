@@ -14,6 +14,7 @@ Order in this file: kernels -> launchers.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -34,21 +35,23 @@ from spar.rng import NoiseKey
 # ---------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["key", "first_sample", "step"])
+@triton.jit(do_not_specialize=["key", "first_sample", "first_row", "step"])
 def _sample_weights_kernel(
     mu_ptr, sig_ptr, out_ptr,
     R, C, num_samples,
     stride_mur, stride_muc,
     stride_sr, stride_sc,
     stride_os, stride_or, stride_oc,
-    key, first_sample, step,
+    key, first_sample, first_row, step,
     HAS_MU: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """``out[s] = mu + sig * eps_{first_sample + s}``: one ``(BLOCK_R, BLOCK_C)`` tile of
-    one sample per program. out: ``(num_samples, R, C)``; mu, sig: ``(R, C)`` fp32."""
+    one sample per program. out: ``(num_samples, R, C)``; mu, sig: ``(R, C)`` fp32. Row
+    ``r`` draws the noise of the key's row ``first_row + r`` (0 for parameters; the global
+    index of the first example for per-example noise)."""
     pid = tl.program_id(0)
     # samples vary fastest so that programs reading the same mu/sigma tile run together
     s = pid % num_samples
@@ -64,9 +67,9 @@ def _sample_weights_kernel(
     c64 = offs_c.to(tl.int64)[None, :]
 
     sample = first_sample.to(tl.uint32, bitcast=True) + tl.cast(s, tl.uint32)
+    rows = first_row.to(tl.uint32, bitcast=True) + offs_r.to(tl.uint32)
     eps = normal_tile(
-        key, offs_r.to(tl.uint32), sample, pid_c * BLOCK_C, step.to(tl.uint32, bitcast=True),
-        BLOCK_R, BLOCK_C,
+        key, rows, sample, pid_c * BLOCK_C, step.to(tl.uint32, bitcast=True), BLOCK_R, BLOCK_C,
     )  # fmt: skip
     w = tl.load(sig_ptr + r64 * stride_sr + c64 * stride_sc, mask=mask, other=0.0) * eps
     if HAS_MU:
@@ -164,10 +167,13 @@ def sample_weights(
     dtype: torch.dtype | None = None,
     out: Tensor | None = None,
     block: tuple[int, int] | None = None,
+    first_row: int = 0,
 ) -> Tensor:
     """Weights of local samples ``[lo, hi)`` (default: all of ``key``):
     mu, sigma ``(R, C)`` fp32 (``mu=None``: zero mean) -> ``(hi - lo, R, C)`` in ``dtype``
-    (default fp32), written into ``out`` when given (a bounded workspace)."""
+    (default fp32), written into ``out`` when given (a bounded workspace). ``first_row``
+    shifts the key's row counter (``sigma = 1`` and ``first_row = data_offset``: the
+    per-example noise itself)."""
     lo, hi = _sample_range(key, samples)
     if sigma.dim() != 2:
         raise ValueError(f"sigma must be 2-D (rows, cols), got shape {tuple(sigma.shape)}")
@@ -190,8 +196,8 @@ def sample_weights(
         mu_, sigma, out, R, C, c,
         mu_.stride(0), mu_.stride(1), sigma.stride(0), sigma.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        philox_key(key.seed, pid), as_i32(key.first_sample + lo), as_i32(key.step),
-        HAS_MU=mu is not None, BLOCK_R=br, BLOCK_C=bc, INTERPRET=interpret(),
+        philox_key(key.seed, pid), as_i32(key.first_sample + lo), as_i32(first_row),
+        as_i32(key.step), HAS_MU=mu is not None, BLOCK_R=br, BLOCK_C=bc, INTERPRET=interpret(),
     )  # fmt: skip
     return out
 
@@ -258,3 +264,83 @@ def sample_weights_backward(
         BLOCK_R=br, BLOCK_C=bc,
     )  # fmt: skip
     return grad_mu, grad_eps
+
+
+# ---------------------------------------------------------------------------------------
+# the sampler of the chunked loops (spar.ops.backends.torch.generator documents the API)
+# ---------------------------------------------------------------------------------------
+
+
+class TritonSampler:
+    """Weights and parameter gradients of one sampled-op call from the Triton kernels: the
+    sampling kernel writes a chunk of weights into a workspace reused from chunk to chunk,
+    and its backward reduces each chunk's weight gradients into ``grad_mu`` and
+    ``grad_rho`` with eps regenerated in the same pass (deterministic: each program owns a
+    tile and walks the chunk's samples; chunks are added in order, no atomics).
+
+    fp32 parameters (all the Triton backend accepts) take the fused kernels. Other dtypes
+    (the torch backend on CUDA with fp64 or 16-bit parameters) get the same normals from
+    the kernel, one chunk at a time, and torch does the arithmetic in their dtype, as
+    :mod:`spar.rng` does for them."""
+
+    def __init__(self, key: NoiseKey, pid: int, mu: Tensor | None, rho: Tensor, need_mu: bool,
+                 need_rho: bool) -> None:  # fmt: skip
+        self.key, self.pid, self.shape = key, pid, tuple(rho.shape)
+        rows = rho.shape[0] if rho.dim() > 1 else 1
+        self.rc = (rows, rho.numel() // max(rows, 1))  # the key's 2-D view
+        self.rho = rho.reshape(self.rc)
+        self.mu = None if mu is None else mu.reshape(self.rc)
+        f32 = torch.float32
+        self.fused = rho.dtype == f32 and (mu is None or mu.dtype == f32)
+        self.need_mu, self.need_rho = need_mu and mu is not None, need_rho
+        self._sig: Tensor | None = None
+        self._work: Tensor | None = None
+        self.g_mu: Tensor | None = None
+        self.g_eps: Tensor | None = None
+
+    def _eps(self, lo: int, hi: int) -> Tensor:
+        """fp32 normals ``(hi - lo, R, C)`` (sigma = 1: ``1 * eps`` is exact)."""
+        ones = torch.ones((), dtype=torch.float32, device=self.rho.device).expand(self.rc)
+        return sample_weights(None, ones, self.key, self.pid, (lo, hi))
+
+    def weights(self, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
+        c = hi - lo
+        if self._sig is None:
+            self._sig = F.softplus(self.rho)
+        if not self.fused:
+            w = self._sig * self._eps(lo, hi)
+            w = w if self.mu is None else self.mu + w
+            return w.to(dtype).view(c, *self.shape)
+        work = self._work
+        if work is None or work.dtype != dtype or work.shape[0] < c:
+            # the first chunk is the largest: one allocation per call
+            work = self._work = torch.empty((c, *self.rc), dtype=dtype, device=self.rho.device)
+        w = sample_weights(self.mu, self._sig, self.key, self.pid, (lo, hi), out=work[:c])
+        return w.view(c, *self.shape)
+
+    def add_grads(self, g_w: Tensor, lo: int, hi: int) -> None:
+        c = hi - lo
+        g = g_w.reshape(c, *self.rc)
+        if not self.fused:
+            dt = self.rho.dtype
+            g = g.to(dt)
+            if self.need_mu:
+                self.g_mu = g.sum(0) if self.g_mu is None else self.g_mu.add_(g.sum(0))
+            if self.need_rho:
+                ge = (g * self._eps(lo, hi)).sum(0)
+                self.g_eps = ge if self.g_eps is None else self.g_eps.add_(ge)
+            return
+        last = hi == self.key.num_samples
+        self.g_mu, self.g_eps = sample_weights_backward(
+            g, self.key, self.pid, (lo, hi), grad_mu=self.g_mu, grad_eps=self.g_eps,
+            need_mu=self.need_mu, rho=self.rho if last and self.need_rho else None,
+        )  # fmt: skip
+
+    def grads(self) -> tuple[Tensor | None, Tensor | None]:
+        g_mu = None if self.g_mu is None or not self.need_mu else self.g_mu.view(self.shape)
+        g_rho = None
+        if self.need_rho and self.g_eps is not None:
+            g_rho = self.g_eps.view(self.shape)
+            if not self.fused:  # the fused kernel applied sigmoid(rho) on the last chunk
+                g_rho = g_rho.mul_(torch.sigmoid(self.rho).view(self.shape))
+        return g_mu, g_rho

@@ -1,0 +1,59 @@
+"""The ``sampled_conv`` primitive on the GPU (Triton sampling + cuDNN).
+
+``y[s] = conv(x[s], W_s)`` with ``W_s = mu + softplus(rho) * eps_s`` (``mu=None``: zero
+mean) for 1-3 spatial dims and any stride, padding, dilation and groups; x is folded
+``(S*B, C, *spatial)`` sample-major, or one ``(B, C, *spatial)`` batch shared by every
+sample (the first layer).
+
+No convolution kernel is written here: per chunk of samples (at most ``SPAR_CHUNK_NUMEL``
+weight elements, at least one sample, never ``S * |W|``) the sampling kernel
+(:mod:`spar.ops.backends.triton.sample`) writes the chunk's weights into a workspace, and
+torch's convolution (cuDNN) runs the chunk as one grouped convolution. The backward
+regenerates the chunk's weights for ``dx`` (``aten.convolution_backward``) and reduces the
+chunk's weight gradient into ``grad_mu`` and ``grad_rho`` with the sampling kernel's
+backward, which regenerates eps in the same pass (deterministic, no atomics). The chunk
+loop is the torch backend's (:mod:`spar.ops.backends.torch.sampled`) with the Triton
+sampler, so the two backends share the grouping and layout code and differ only in where
+the noise comes from.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from spar.ops.backends.torch import sampled
+from spar.ops.backends.triton._utils import FLOAT_DTYPES, check_device
+from spar.ops.backends.triton.sample import TritonSampler
+from spar.rng import NoiseKey
+
+# the dtypes this primitive serves: those of the parameters (activations: FLOAT_DTYPES)
+PARAM_DTYPES = (torch.float32,)
+
+
+def _check(x: Tensor, *params: Tensor | None) -> None:
+    check_device(x, *params)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"the triton backend takes fp32/fp16/bf16 input, got {x.dtype}")
+    for t in params:
+        if t is not None and t.dtype not in PARAM_DTYPES:
+            raise TypeError(f"the triton backend takes fp32 parameters, got {t.dtype}")
+
+
+def sampled_conv_forward(x: Tensor, mu: Tensor | None, rho: Tensor, key: NoiseKey, pid: int,
+                         shared: int, groups: int, *geometry: int) -> Tensor:  # fmt: skip
+    """x ``(S*B, C, *sp)`` or shared ``(B, C, *sp)`` -> ``(S*B, O, *sp_out)``, contiguous;
+    ``geometry``: stride, padding, dilation (``nd`` ints each)."""
+    _check(x, mu, rho)
+    return sampled.conv_forward(x, mu, rho, key, pid, shared, groups, *geometry,
+                                make_sampler=TritonSampler)  # fmt: skip
+
+
+def sampled_conv_backward(dy: Tensor, x: Tensor, mu: Tensor | None, rho: Tensor,
+                          key: NoiseKey, pid: int, shared: int, groups: int,
+                          *rest) -> tuple:  # fmt: skip
+    """``rest``: the geometry of :func:`sampled_conv_forward`, then ``needs``; returns
+    ``(dx, grad_mu, grad_rho)``."""
+    _check(x, mu, rho)
+    return sampled.conv_backward(dy.to(x.dtype), x, mu, rho, key, pid, shared, groups, *rest,
+                                 make_sampler=TritonSampler)  # fmt: skip

@@ -237,3 +237,15 @@ def test_spawn_sets_torchrun_env_and_reports_errors():
     assert sd.spawn(os.getenv, 2, args=("RANK",), timeout=120) == ["0", "1"]
     with pytest.raises(RuntimeError, match="invalid literal for int"):
         sd.spawn(int, 2, args=("x",), timeout=120)
+
+
+@pytest.mark.slow
+def test_spawn_forkserver_preloads_and_checks_its_options():
+    assert sd.spawn(
+        os.getenv, 2, args=("WORLD_SIZE",), timeout=120, start_method="forkserver",
+        preload=("torch",),
+    ) == ["2", "2"]  # fmt: skip
+    with pytest.raises(ValueError, match="start_method must be"):
+        sd.spawn(os.getenv, 1, args=("RANK",), start_method="fork")
+    with pytest.raises(ValueError, match="preload needs start_method='forkserver'"):
+        sd.spawn(os.getenv, 1, args=("RANK",), preload=("torch",))

@@ -9,8 +9,10 @@ anything else (values are case-insensitive; unset or empty means the default).
 * ``SPAR_LINEAR_PATH``: ``auto`` (default), ``fused``, ``chunked``; the Triton linear path.
 * ``SPAR_CHUNK_NUMEL``: an int >= 1 (default 2097152); weight elements per sample chunk
   that the torch backend and the Triton chunked path materialize (at least one sample).
-* ``SPAR_RNG``: ``auto`` (default), ``native``, ``eager``; the CPU noise generator
-  (:mod:`spar.rng`).
+* ``SPAR_RNG``: ``auto`` (default), ``native``, ``eager``; the noise generator of the torch
+  backend: on CPU the native C library (``auto``: unless it cannot be built) or the eager
+  torch loop (:mod:`spar.rng`); on CUDA the Triton kernels, or with ``eager`` the eager
+  loop (:mod:`spar.ops.backends.torch.generator`).
 * ``SPAR_CACHE_DIR``: a folder (default ``$XDG_CACHE_HOME/spar``, else
   ``~/.cache/spar``) where the native generator is built (:mod:`spar._native`).
 """

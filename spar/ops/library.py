@@ -32,6 +32,7 @@ round trip, and dispatch modes such as memory trackers see the aten ops inside).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 
@@ -126,6 +127,16 @@ def _fake_grads(dy, inputs, step, key, static, needs):
     ]
 
 
+def _device_of(tensors: Sequence[Tensor | None]):
+    """A guard that makes the tensors' CUDA device the current one while a primitive runs:
+    Triton (and CuPy) launch on the current device, not on their arguments' (a model on
+    ``cuda:1`` in a process whose current device is ``cuda:0``). No-op on other devices."""
+    t = next((t for t in tensors if isinstance(t, Tensor)), None)
+    if t is not None and t.is_cuda:
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def define(primitive: str, backend: str, forward: Callable, backward: Callable | None = None,
            *, dtypes: Sequence[torch.dtype] | None = None):  # fmt: skip
     """Register ``backend``'s implementation of ``primitive`` as the custom ops
@@ -138,7 +149,8 @@ def define(primitive: str, backend: str, forward: Callable, backward: Callable |
 
     def fwd_impl(inputs: Sequence[Tensor | None], step: Tensor, key: Sequence[int],
                  static: Sequence[int]) -> Tensor:  # fmt: skip
-        return forward(*inputs, unpack_key(step, key), *(int(s) for s in static))
+        with _device_of(inputs):
+            return forward(*inputs, unpack_key(step, key), *(int(s) for s in static))
 
     def fwd_fake(inputs, step, key, static):
         return fake(*inputs, int(key[2]), *(int(s) for s in static))
@@ -165,9 +177,10 @@ def define(primitive: str, backend: str, forward: Callable, backward: Callable |
 
     def bwd_impl(dy: Tensor, inputs: Sequence[Tensor | None], step: Tensor, key: Sequence[int],
                  static: Sequence[int], needs: Sequence[bool]) -> list[Tensor]:  # fmt: skip
-        grads = backward(
-            dy, *inputs, unpack_key(step, key), *(int(s) for s in static), tuple(needs)
-        )
+        with _device_of([dy]):
+            grads = backward(
+                dy, *inputs, unpack_key(step, key), *(int(s) for s in static), tuple(needs)
+            )
         # custom ops return tensors: what was not asked for is an empty placeholder
         return [
             g if (g is not None and need) else dy.new_empty(0)

@@ -136,6 +136,10 @@ def test_torch_backend_generator_is_triton_on_cuda(monkeypatch):
         from spar.ops.backends.triton.sample import TritonSampler
 
         assert generator.sampler_for(CUDA) is TritonSampler
+    # SPAR_RNG=eager: no Triton at all on CUDA (a machine where it imports but cannot launch)
+    monkeypatch.setenv("SPAR_RNG", "eager")
+    assert generator.generator_for("cuda") == "rng"
+    assert generator.sampler_for(CUDA) is generator.RngSampler
 
 
 def test_torch_backend_without_triton_warns_once_on_cuda(monkeypatch):

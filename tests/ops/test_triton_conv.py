@@ -325,6 +325,28 @@ def test_torch_backend_with_the_triton_generator(monkeypatch, estimator, dtype):
             assert_close(a, e, reduction=64, msg=f"{estimator} {dtype}: {name}")
 
 
+def test_triton_sampler_gradients_keep_the_parameter_dtype(monkeypatch):
+    """16-bit parameters on the torch backend with the Triton generator: the primitive's
+    backward returns grad_mu/grad_rho in the parameters' dtype, as its fake promises
+    (opcheck's fake-tensor test compares them)."""
+    from spar.ops.backends.torch import generator
+    from spar.ops.library import pack_key
+
+    monkeypatch.setattr(generator, "TRITON_DEVICE_TYPES", ("cuda", "cpu"))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * 3, 5, generator=gen, dtype=torch.bfloat16)
+    mu = torch.randn(4, 5, generator=gen).to(torch.bfloat16)
+    rho = (torch.randn(4, 5, generator=gen) - 2).to(torch.bfloat16)
+    step, ints = pack_key(NoiseKey(seed=1, step=0, first_sample=0, num_samples=2))
+    dy = torch.randn(2 * 3, 4, generator=gen, dtype=torch.bfloat16)
+    args = (dy, [x, mu, rho], step, ints, [WID, 0], [True, True, True])
+    grads = torch.ops.spar.torch_sampled_linear_backward(*args)
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 3
+    torch.library.opcheck(
+        torch.ops.spar.torch_sampled_linear_backward, args, test_utils=("test_faketensor",)
+    )
+
+
 @pytest.mark.parametrize("estimator", ["reparam", "flipout"])
 def test_bf16_input_with_fp32_parameters(monkeypatch, estimator):
     """Mixed precision (bf16 activations, fp32 parameters) on Triton: the output and every

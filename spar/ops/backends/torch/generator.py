@@ -9,7 +9,9 @@ depends on the device type (:func:`generator_for`):
   :mod:`spar.ops.backends.triton` (same Philox integers as :mod:`spar.rng`, normals within
   a few ulp). :mod:`spar.rng`'s GPU path is an eager loop of about a hundred int64
   elementwise passes per four normals: that would make the torch backend's noise cost
-  more than its GEMMs. Without triton the eager loop is used, with one warning.
+  more than its GEMMs. Without triton the eager loop is used, with one warning;
+  ``SPAR_RNG=eager`` chooses it on purpose (a machine where Triton imports but cannot
+  compile or launch kernels: then ``SPAR_BACKEND=torch SPAR_RNG=eager`` runs no Triton).
 
 A *sampler* holds one call's ``(key, param_id, mu, rho)`` and gives the chunk loops of
 :mod:`spar.ops.backends.torch.sampled` (shared with the Triton backend's convolution) the
@@ -39,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from spar import _env
 from spar.ops import dispatch
 from spar.rng import NoiseKey
 
@@ -53,7 +56,7 @@ def generator_for(device_type: str) -> str:
     """``"triton"`` or ``"rng"``: which generator draws the torch backend's noise for
     tensors on ``device_type`` (see the module doc). Where Triton should serve but triton
     does not import, one ``RuntimeWarning`` says what it costs and how to fix it."""
-    if device_type not in TRITON_DEVICE_TYPES:
+    if device_type not in TRITON_DEVICE_TYPES or _env.rng() == "eager":
         return "rng"
     error = dispatch.load_error("triton")
     if error is None:

@@ -9,13 +9,13 @@ raises ``ImportError`` where triton is not installed, which the dispatcher repor
 import triton  # noqa: F401 - fail here, cleanly, when triton is missing
 
 from spar.ops.backends.triton import conv, linear, noise
-from spar.ops.backends.triton._utils import FLOAT_DTYPES
+from spar.ops.backends.triton._utils import FLOAT_DTYPES, PARAM_DTYPES
 from spar.ops.library import define
 
 define("sampled_linear", "triton", linear.sampled_linear_forward, linear.sampled_linear_backward,
-       dtypes=conv.PARAM_DTYPES)  # fmt: skip
+       dtypes=PARAM_DTYPES)  # fmt: skip
 define("sampled_conv", "triton", conv.sampled_conv_forward, conv.sampled_conv_backward,
-       dtypes=conv.PARAM_DTYPES)  # fmt: skip
+       dtypes=PARAM_DTYPES)  # fmt: skip
 define("lrt_noise", "triton", noise.lrt_noise_forward, noise.lrt_noise_backward,
        dtypes=FLOAT_DTYPES)  # fmt: skip
 define("sign_mul", "triton", noise.sign_mul_forward, noise.sign_mul_backward,

@@ -105,6 +105,8 @@ def to_store(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 # ---------------------------------------------------------------------------------------
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# the parameter dtypes of the sampled primitives (their activations: FLOAT_DTYPES)
+PARAM_DTYPES = (torch.float32,)
 
 
 def interpret() -> bool:

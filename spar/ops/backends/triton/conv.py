@@ -19,16 +19,12 @@ the noise comes from.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from spar.ops.backends.torch import sampled
-from spar.ops.backends.triton._utils import FLOAT_DTYPES, check_device
+from spar.ops.backends.triton._utils import FLOAT_DTYPES, PARAM_DTYPES, check_device
 from spar.ops.backends.triton.sample import TritonSampler
 from spar.rng import NoiseKey
-
-# the dtypes this primitive serves: those of the parameters (activations: FLOAT_DTYPES)
-PARAM_DTYPES = (torch.float32,)
 
 
 def _check(x: Tensor, *params: Tensor | None) -> None:

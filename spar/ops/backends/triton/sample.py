@@ -280,8 +280,8 @@ class TritonSampler:
 
     fp32 parameters (all the Triton backend accepts) take the fused kernels. Other dtypes
     (the torch backend on CUDA with fp64 or 16-bit parameters) get the same normals from
-    the kernel, one chunk at a time, and torch does the arithmetic in their dtype, as
-    :mod:`spar.rng` does for them."""
+    the kernel, one chunk at a time, and torch does the arithmetic (16-bit parameters: in
+    fp32, the gradients cast to their dtype at the end)."""
 
     def __init__(self, key: NoiseKey, pid: int, mu: Tensor | None, rho: Tensor, need_mu: bool,
                  need_rho: bool) -> None:  # fmt: skip
@@ -342,5 +342,7 @@ class TritonSampler:
         if self.need_rho and self.g_eps is not None:
             g_rho = self.g_eps.view(self.shape)
             if not self.fused:  # the fused kernel applied sigmoid(rho) on the last chunk
-                g_rho = g_rho.mul_(torch.sigmoid(self.rho).view(self.shape))
-        return g_mu, g_rho
+                g_rho = g_rho * torch.sigmoid(self.rho).view(self.shape)
+        # in rho's dtype, as the fake promises (the sums over 16-bit chunks are fp32)
+        dt = self.rho.dtype
+        return (None if g_mu is None else g_mu.to(dt)), (None if g_rho is None else g_rho.to(dt))

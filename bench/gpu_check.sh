@@ -8,7 +8,11 @@
 #   step       limit  what
 #   env          30 s `spar info`, the nvidia-smi line, python/torch/CUDA/triton versions,
 #                     which optional packages import (pytest, sklearn, matplotlib, pynvml,
-#                     torch-blue, bayesian-torch)
+#                     torch-blue, bayesian-torch), and what Triton needs to build its kernel
+#                     launcher on first use: a host C compiler found as Triton looks for one
+#                     ($CC, else gcc, else clang), Python.h, a test compile of Python.h with
+#                     that compiler, and (GPU run) libcuda.so.1; a missing one is a WARNING
+#                     line in env.log and in the summary (Triton would fail to launch kernels)
 #   tests       180 s pytest tests/gpu on CUDA tensors, Triton kernels compiled
 #                     (TRITON_INTERPRET=0, SPAR_TEST_DEVICE=cuda): every Triton primitive and
 #                     every estimator (linear, conv; fp32, bf16) against the torch backend and
@@ -18,21 +22,37 @@
 #   kernels      60 s bench/bench_kernels.py --op linear: S=16,64, B=128, 4096x4096, bf16
 #   conv         50 s bench/bench_kernels.py --op conv: S=8,32, B=32, 64->64 ch, 32x32, 3x3
 #   layers       60 s bench/bench_layers.py --device cuda --config mlp small cnn --quick
+#                     --no-memory --budget-s 3: timing only (GPU memory is measured in the
+#                     kernels and conv steps)
 #
 # Expected on one H100/H200 (estimates, not yet measured): env 10 s, tests 60-120 s (most
 # of it compiling Triton kernels and the inductor graph), train 30-50 s, kernels 30-50 s,
-# conv 20-40 s, layers 30-50 s: about 3-5 minutes in all, Python start-up included.
+# conv 20-40 s, layers 25-45 s: about 3-5 minutes in all, Python start-up included.
+# layers, in detail: one process (import torch and spar, CUDA context: ~10 s); 4 timed
+# S values (mlp S=1,4; small S=8; cnn S=8), each ~3 s of rounds (--budget-s 3; a round is
+# one ~0.1 s call per provider) plus ~1 s of warm-up (2 steps and >= 0.3 s per provider,
+# 2-4 providers: spar, bmm / deterministic, and torch-blue / bayesian-torch where they
+# import): ~16 s; compiling the Triton kernels for the layer shapes on first use (those
+# not already in the cache from the tests step): ~5-15 s. --no-memory leaves out the
+# per-(provider, S) memory pass (on a GPU it is in-process, one rebuild and two steps
+# each, up to 16 of them: a few seconds, more where the peers' builds are slow), which
+# keeps a cold run clear of the 60 s limit.
 # A step that hits its limit is "failed (timeout)"; when the budget left cannot hold a
-# step's minimum (10 s) it is "skipped (budget)". A failed step never stops the later ones.
+# step's minimum (10 s, after a 5 s reserve for the summary) it is "skipped (budget)".
+# A failed step never stops the later ones. A step that could not run because something
+# it needs is missing (train without scikit-learn) is "SKIPPED", flagged in the summary
+# and counted in the final line: the check it stands for did NOT happen.
 #
 # Output: every step's log goes to OUT/<step>.log (OUT: --out, default
 # bench/results/gpu_check/), the summary table to OUT/summary.txt and, one row per step
 # with the device name, to RESULTS/gpu_check_gpu.csv; the benchmarks append to
 # RESULTS/kernels_gpu.csv and RESULTS/layers_gpu.csv (RESULTS: bench/results/), and every
 # CSV/PNG/MD this run wrote is copied to OUT/results/ as well, so that OUT alone brings
-# everything back from the machine. The exit code is 0 when every step that ran passed,
-# 1 when any failed (a skipped step - no budget, a peer package missing - is no failure),
-# 2 for bad options.
+# everything back from the machine. The last line counts the steps: ok, failed, NOT RUN
+# ("SKIPPED": a package missing), skipped (not selected, no budget left) and the env
+# WARNINGs. The exit code is 0 when at least one step ran and every step that ran passed
+# (a NOT RUN step or a WARNING is flagged, but no failure), 1 when any failed, 2 for bad
+# options (a --budget under 15 s, which could run no step, included), 3 when no step ran.
 #
 # Usage:
 #   bash bench/gpu_check.sh                        # on the GPU machine, from anywhere
@@ -44,7 +64,8 @@
 # Flags:
 #   --out DIR       logs and the summary (default bench/results/gpu_check; dry run: a new
 #                   temporary folder)
-#   --budget S      seconds for the whole script (default 460; dry run 900)
+#   --budget S      seconds for the whole script (default 460; dry run 900; at least 15,
+#                   what one step's minimum needs)
 #   --only LIST     comma-separated steps to run (the others: skipped)
 #   --skip LIST     comma-separated steps not to run
 #   --python PY     the interpreter (default: python, else python3)
@@ -59,6 +80,7 @@
 # (no plots without it), nvidia-ml-py (no NVML telemetry without it), torch-blue and
 # bayesian-torch (their benchmark rows are skipped with a note without them).
 
+# shellcheck disable=SC2329  # the step_* functions run through `bash -c` (export -f)
 set -u -o pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -99,8 +121,17 @@ for name in ${ONLY//,/ } ${SKIP//,/ }; do
     *) echo "gpu_check.sh: unknown step '$name'; steps: ${STEPS[*]}" >&2; exit 2 ;;
   esac
 done
-if [ -n "$BUDGET" ] && ! [[ "$BUDGET" =~ ^[0-9]+$ ]]; then
-  echo "gpu_check.sh: --budget must be whole seconds, got '$BUDGET'" >&2; exit 2
+MIN_STEP_S=10   # a step is started only with at least this many seconds left ...
+RESERVE_S=5     # ... after this reserve for the summary
+if [ -n "$BUDGET" ]; then
+  if ! [[ "$BUDGET" =~ ^[0-9]+$ ]]; then
+    echo "gpu_check.sh: --budget must be whole seconds, got '$BUDGET'" >&2; exit 2
+  fi
+  BUDGET=$((10#$BUDGET))  # no octal surprises from a leading zero
+  if [ "$BUDGET" -lt $((MIN_STEP_S + RESERVE_S)) ]; then
+    echo "gpu_check.sh: --budget $BUDGET s cannot run any step (each needs ${MIN_STEP_S} s plus a ${RESERVE_S} s reserve): give at least $((MIN_STEP_S + RESERVE_S))" >&2
+    exit 2
+  fi
 fi
 # a relative --out is relative to where the script was called from
 if [ -n "$OUT" ] && [[ "$OUT" != /* ]]; then OUT="$PWD/$OUT"; fi
@@ -156,14 +187,15 @@ record() {  # step status seconds limit note
 }
 
 # run_step NAME LIMIT_S CMD...: the command under `timeout`, its output in OUT/NAME.log;
-# the limit is cut to the budget left; exit 77 from a step means "skipped" (its log says why)
+# the limit is cut to the budget left; exit 77 from a step means it could not run: status
+# "SKIPPED" (not "skipped": the check did not happen), its log's "SKIP: " line says why
 run_step() {
   local name="$1" limit="$2"; shift 2
   if ! wanted "$name"; then record "$name" skipped 0 "$limit" "not selected"; return 0; fi
   local now left
   now=$(date +%s)
-  left=$((BUDGET - (now - T_START) - 5))
-  if [ "$left" -lt 10 ]; then
+  left=$((BUDGET - (now - T_START) - RESERVE_S))
+  if [ "$left" -lt "$MIN_STEP_S" ]; then
     record "$name" skipped 0 "$limit" "budget: ${left} s left"; return 0
   fi
   [ "$left" -lt "$limit" ] && limit="$left"
@@ -176,7 +208,7 @@ run_step() {
   if [ "$rc" = 0 ]; then
     record "$name" ok "$dt" "$limit" ""
   elif [ "$rc" = 77 ]; then
-    record "$name" skipped "$dt" "$limit" "$(grep -m1 '^SKIP:' "$log" | cut -c7-)"
+    record "$name" SKIPPED "$dt" "$limit" "$(grep -m1 '^SKIP:' "$log" | cut -c7-)"
   elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
     record "$name" failed "$dt" "$limit" "timeout (log: $name.log)"
   else
@@ -222,6 +254,52 @@ if sys.argv[1] == "cuda":
           f"{p.total_memory / 2**30:.1f} GiB  {p.multi_processor_count} SMs")
 else:
     print("device cpu (dry run)")
+
+# What Triton needs to build its launcher (a C file including Python.h, compiled on the
+# first launch of a kernel), found the way triton/runtime/build.py finds it.
+import os, shutil, subprocess, sysconfig, tempfile
+cuda = sys.argv[1] == "cuda"
+why = ": Triton will fail to launch kernels" + ("" if cuda else " (a GPU run; the dry run's interpreter needs none)")
+cc_env = os.environ.get("CC")
+if cc_env:
+    cc, cc_from = shutil.which(cc_env), f"$CC={cc_env}"
+else:
+    cc = shutil.which("gcc") or shutil.which("clang")
+    cc_from = "gcc" if shutil.which("gcc") else "clang"
+if cc:
+    print(f"host C compiler: {cc} ({cc_from}; Triton builds its kernel launcher with it)")
+else:
+    print(f"WARNING: no host C compiler ({'$CC=' + cc_env + ' not found' if cc_env else 'no $CC, gcc or clang on PATH'}){why}")
+scheme = sysconfig.get_default_scheme()
+inc = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"]
+header = os.path.join(inc, "Python.h")
+if os.path.exists(header):
+    print(f"Python headers: {header}")
+else:
+    print(f"WARNING: no Python headers ({header} missing; e.g. apt install python3-dev){why}")
+if cc and os.path.exists(header):
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "check.c")
+        with open(src, "w") as f:
+            f.write("#include <Python.h>\nint main(void) { return Py_IsInitialized(); }\n")
+        try:
+            r = subprocess.run([cc, "-fsyntax-only", f"-I{inc}", src], capture_output=True,
+                               text=True, timeout=20)
+            err = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[0] if r.returncode else ""
+        except (OSError, subprocess.SubprocessError) as e:
+            err = f"{type(e).__name__}: {e}"
+    if err:
+        print(f"WARNING: {cc} cannot compile Python.h ({err}){why}")
+    else:
+        print(f"C build check: ok ({os.path.basename(cc)} compiles Python.h)")
+if cuda:
+    try:
+        from triton.backends.nvidia.driver import libcuda_dirs
+        print(f"libcuda: {', '.join(libcuda_dirs())}")
+    except ImportError as e:
+        print(f"libcuda: not checked ({e})")
+    except Exception as e:  # noqa: BLE001 - triton asserts when it finds none
+        print(f"WARNING: Triton finds no libcuda.so.1 ({str(e).splitlines()[0]}){why}")
 EOF
 }
 
@@ -241,7 +319,8 @@ step_tests() {
 
 step_train() {
   if ! "$PY" -c "import sklearn" 2>/dev/null; then
-    echo "SKIP: scikit-learn is not installed (spar train loads its digits)"; return 77
+    echo "SKIP: scikit-learn missing - the ${DEVICE^^} train check did not run (spar train loads its digits from it)"
+    return 77
   fi
   local args=(train --device "$DEVICE" --nproc 1 --epochs 1 --no-progress --out "$OUT/train")
   [ "$DRY" = 1 ] && args+=(--samples 1 --batch-size 1024)
@@ -278,7 +357,7 @@ step_layers() {
   if [ "$DRY" = 1 ]; then
     args+=(--config small --samples 2 --providers spar deterministic --budget-s 0.5 --no-memory)
   else
-    args+=(--config mlp small cnn --budget-s 3)
+    args+=(--config mlp small cnn --budget-s 3 --no-memory)  # timing: see the header
   fi
   "$PY" "${args[@]}"
 }
@@ -387,13 +466,23 @@ for line in (out / "steps.tsv").read_text().splitlines():
     name, status, secs, limit, note = (line.split("\t") + [""] * 5)[:5]
     steps.append(dict(step=name, status=status, seconds=secs, limit=limit, note=note))
 for s in steps:
-    if s["status"] != "skipped" or s["note"] == "":
+    s["numbers"] = ""
+    if s["status"] in ("ok", "failed"):  # the others left no log of this run
         try:
-            s["numbers"] = key_numbers(s["step"]) if s["status"] != "skipped" else ""
+            s["numbers"] = key_numbers(s["step"])
         except Exception as e:  # noqa: BLE001 - a summary never fails the run
             s["numbers"] = f"(summary error: {type(e).__name__}: {e})"
-    else:
-        s["numbers"] = ""
+# what needs a reader's eye although no step failed: checks that did not run, and the
+# env step's warnings (a missing C compiler or Python.h: Triton cannot launch kernels)
+flags = [f"!! {s['step']}: SKIPPED: {s['note'] or 'the check did not run'}"
+         for s in steps if s["status"] == "SKIPPED"]
+warnings = []
+if any(s["step"] == "env" and s["status"] in ("ok", "failed") for s in steps):
+    warnings = re.findall(r"^WARNING: (.+)$", log("env"), re.M)
+    for s in steps:
+        if s["step"] == "env" and warnings:
+            s["note"] = "; ".join(x for x in (s["note"], f"{len(warnings)} WARNING(S)") if x)
+flags += [f"!! WARNING (env): {w}" for w in warnings]
 
 total = int(time.time()) - t_start
 lines = [f"gpu_check summary: {device_name} ({device}), started {started}, {total} s in all",
@@ -401,6 +490,8 @@ lines = [f"gpu_check summary: {device_name} ({device}), started {started}, {tota
 for s in steps:
     info = "  ".join(x for x in (s["numbers"], s["note"]) if x)
     lines.append(f"{s['step']:<8} {s['status']:<8} {s['seconds']:>5}s {s['limit']:>5}s  {info}")
+if flags:
+    lines += ["", *flags]
 text = "\n".join(lines)
 print("\n" + text)
 (out / "summary.txt").write_text(text + "\n")
@@ -408,6 +499,10 @@ print("\n" + text)
 rows = [dict(date=started, device=device, device_name=device_name, step=s["step"],
              status=s["status"], seconds=s["seconds"], limit_s=s["limit"],
              key_numbers=s["numbers"], note=s["note"]) for s in steps]
+if warnings:  # the warnings' text travels with the env row
+    for r in rows:
+        if r["step"] == "env":
+            r["note"] = "; ".join([r["note"], *warnings])
 path = results / "gpu_check_gpu.csv"
 new = not path.exists()
 with open(path, "a", newline="") as f:
@@ -420,9 +515,26 @@ if path.parent != out / "results":
     shutil.copy(path, out / "results" / path.name)
 EOF
 
-if grep -q $'\tfailed\t' "$STATUS_FILE"; then
-  echo "gpu_check: FAILED steps above (logs in $OUT)"
+count() { awk -F'\t' -v s="$1" '$2 == s' "$STATUS_FILE" | wc -l | tr -d ' '; }
+N_OK=$(count ok); N_FAILED=$(count failed); N_SKIPPED=$(count skipped); N_NOTRUN=$(count SKIPPED)
+NOTRUN=$(awk -F'\t' '$2 == "SKIPPED" { printf "%s%s", sep, $1; sep = "," }' "$STATUS_FILE")
+N_WARN=0
+if awk -F'\t' '$1 == "env" && ($2 == "ok" || $2 == "failed") { f = 1 } END { exit !f }' "$STATUS_FILE"; then
+  N_WARN=$(grep -c '^WARNING: ' "$OUT/env.log" 2>/dev/null)
+  N_WARN=${N_WARN:-0}
+fi
+COUNTS="$N_OK ok, $N_FAILED failed, $N_NOTRUN NOT RUN${NOTRUN:+ ($NOTRUN)}, $N_SKIPPED skipped, $N_WARN WARNING(S)"
+if [ "$N_FAILED" -gt 0 ]; then
+  echo "gpu_check: FAILED: $COUNTS (logs in $OUT)"
   exit 1
 fi
-echo "gpu_check: every step that ran passed (logs in $OUT)"
+if [ "$N_OK" = 0 ]; then
+  echo "gpu_check: NO STEP RAN: $COUNTS (logs in $OUT)"
+  exit 3
+fi
+if [ "$N_NOTRUN" -gt 0 ] || [ "$N_WARN" -gt 0 ]; then
+  echo "gpu_check: every step that ran passed, BUT see the !! lines above: $COUNTS (logs in $OUT)"
+else
+  echo "gpu_check: every step that ran passed: $COUNTS (logs in $OUT)"
+fi
 exit 0

@@ -1,7 +1,9 @@
-"""``bench/gpu_check.sh``: its options, its per-step limits and budget, a failed step that
-does not stop the later ones, and the ``--dry-run`` rehearsal end to end on this CPU
-machine (the interpreter, tiny shapes, results in a temporary folder, bench/results
-untouched)."""
+"""``bench/gpu_check.sh``: its options, its per-step limits and budget (one too small to run
+any step is refused; a run in which no step ran exits nonzero), a failed step that does not
+stop the later ones, a step that could not run (train without scikit-learn) flagged as NOT
+RUN, the env step's warnings (no C compiler for Triton), the layers step's GPU command line,
+and the ``--dry-run`` rehearsal end to end on this CPU machine (the interpreter, tiny
+shapes, results in a temporary folder, bench/results untouched)."""
 
 from __future__ import annotations
 
@@ -48,6 +50,10 @@ def _fake_python(tmp_path: Path, rules: str) -> Path:
     return path
 
 
+def _last_line(r) -> str:
+    return r.stdout.strip().splitlines()[-1]
+
+
 def test_usage_and_bad_options():
     r = _run("--help")
     assert r.returncode == 0 and "--dry-run" in r.stdout and "limit" in r.stdout
@@ -56,13 +62,101 @@ def test_usage_and_bad_options():
         assert r.returncode == 2, (bad, r.stdout, r.stderr)
 
 
-def test_budget_spent_skips_steps_and_still_summarizes(tmp_path):
-    r = _run("--dry-run", "--out", str(tmp_path), "--budget", "5")
+@pytest.mark.parametrize("budget", ["0", "5", "14", "014"])
+def test_a_budget_too_small_for_any_step_is_refused(tmp_path, budget):
+    r = _run("--dry-run", "--out", str(tmp_path), "--budget", budget)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "at least 15" in r.stderr, r.stderr
+    assert not (tmp_path / "steps.tsv").exists()  # refused before anything ran
+
+
+def test_budget_spent_skips_later_steps_and_still_summarizes(tmp_path):
+    # budget 15: env gets its 10 s; it takes ~4 s, so the 6 s left hold no later step
+    fake = _fake_python(
+        tmp_path,
+        '  *"spar info"*) sleep 4; exit 0 ;;\n'
+        '  "- cpu") cat >/dev/null; echo "device cpu (dry run)"; exit 0 ;;',
+    )
+    r = _run("--dry-run", "--out", str(tmp_path), "--python", str(fake), "--budget", "15")
     assert r.returncode == 0, r.stdout + r.stderr
     steps = _steps(tmp_path)
     assert list(steps) == list(STEPS)
-    assert all(s["status"] == "skipped" and "budget" in s["note"] for s in steps.values())
+    assert steps["env"]["status"] == "ok"
+    for name in STEPS[1:]:
+        assert steps[name]["status"] == "skipped" and "budget" in steps[name]["note"], name
     assert "gpu_check summary" in (tmp_path / "summary.txt").read_text()
+    assert "1 ok, 0 failed, 0 NOT RUN, 5 skipped" in _last_line(r)
+
+
+def test_a_run_in_which_no_step_ran_exits_nonzero(tmp_path):
+    r = _run("--dry-run", "--out", str(tmp_path), "--skip", ",".join(STEPS))
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "NO STEP RAN" in _last_line(r)
+    assert all(s["status"] == "skipped" for s in _steps(tmp_path).values())
+
+
+def _hide_sklearn(tmp_path: Path) -> dict:
+    """An environment in which ``import sklearn`` fails, as on a ``pip --no-deps`` box."""
+    pkg = tmp_path / "hide" / "sklearn"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text('raise ImportError("scikit-learn hidden by the test")\n')
+    old = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": str(pkg.parent) + (os.pathsep + old if old else "")}
+
+
+def test_train_without_sklearn_is_flagged_as_not_run(tmp_path):
+    fake = _fake_python(tmp_path, "  *bench_kernels.py*) echo fake kernels; exit 0 ;;")
+    out = tmp_path / "out"
+    r = _run("--dry-run", "--out", str(out), "--python", str(fake), "--only", "train,kernels",
+             env=_hide_sklearn(tmp_path))  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr  # flagged, not failed
+    steps = _steps(out)
+    assert steps["kernels"]["status"] == "ok"
+    train = steps["train"]
+    assert train["status"] == "SKIPPED", train
+    assert "scikit-learn missing" in train["note"] and "train check did not run" in train["note"]
+    summary = (out / "summary.txt").read_text()
+    assert "!! train: SKIPPED: scikit-learn missing" in summary, summary
+    last = _last_line(r)
+    assert "1 ok, 0 failed, 1 NOT RUN (train)" in last and "BUT" in last, last
+
+    # train alone: nothing ran, so no "every step that ran passed"
+    out2 = tmp_path / "out2"
+    r = _run("--dry-run", "--out", str(out2), "--python", str(fake), "--only", "train",
+             env=_hide_sklearn(tmp_path / "again"))  # fmt: skip
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "NO STEP RAN" in _last_line(r) and "1 NOT RUN (train)" in _last_line(r)
+
+
+def test_env_warns_when_triton_has_no_c_compiler(tmp_path):
+    # Triton takes $CC as its compiler when set: one that does not exist is none at all
+    fake = _fake_python(tmp_path, '  *"spar info"*) echo "fake info"; exit 0 ;;')
+    out = tmp_path / "out"
+    r = _run("--dry-run", "--out", str(out), "--python", str(fake), "--only", "env",
+             env={"CC": str(tmp_path / "no-such-cc")}, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    log = (out / "env.log").read_text()
+    assert "WARNING: no host C compiler" in log and "Triton will fail to launch kernels" in log
+    assert "Python headers: " in log or "WARNING: no Python headers" in log, log
+    summary = (out / "summary.txt").read_text()
+    assert "!! WARNING (env): no host C compiler" in summary, summary
+    assert "no host C compiler" in _steps(out)["env"]["note"]
+    last = _last_line(r)
+    assert "1 WARNING(S)" in last and "BUT" in last, last
+
+
+def test_layers_gpu_command_skips_the_memory_pass(tmp_path):
+    """The GPU layers step times only (its 60 s limit holds no memory pass): its command
+    line, from the script's own step_layers with ``echo`` as the interpreter."""
+    body = subprocess.run(["sed", "-n", "/^step_layers() {/,/^}/p", str(SCRIPT)],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert body.strip().endswith("}"), body
+    env = {**os.environ, "PY": "echo", "DEVICE": "cuda", "DRY": "0", "RESULTS": str(tmp_path)}
+    r = subprocess.run(["bash", "-c", body + "\nstep_layers"], capture_output=True, text=True,
+                       env=env, check=True)  # fmt: skip
+    args = r.stdout.split()
+    assert args[0] == "bench/bench_layers.py" and "--no-memory" in args and "--quick" in args
+    assert args[args.index("--device") + 1] == "cuda"
 
 
 def test_failed_step_does_not_stop_later_ones_and_sets_exit_code(tmp_path):
@@ -93,7 +187,8 @@ def test_a_step_past_its_limit_is_stopped(tmp_path):
 @pytest.mark.slow
 def test_dry_run_passes_end_to_end(tmp_path):
     """The rehearsal the GPU run relies on: every step passes on this CPU machine (train may
-    be skipped where scikit-learn is missing), results land in OUT/results, and nothing in
+    be SKIPPED, and flagged, where scikit-learn is missing), results land in OUT/results,
+    the env step reports what Triton needs to build its launcher, and nothing in
     bench/results changes."""
     results = ROOT / "bench" / "results"
 
@@ -106,11 +201,16 @@ def test_dry_run_passes_end_to_end(tmp_path):
     steps = _steps(tmp_path)
     assert list(steps) == list(STEPS)
     for name, s in steps.items():
-        ok = s["status"] == "ok" or (name == "train" and s["status"] == "skipped")
+        ok = s["status"] == "ok" or (name == "train" and s["status"] == "SKIPPED")
         assert ok, (name, s)
         assert s["device_name"] and s["device"] == "cpu"
     for name in STEPS:
         assert (tmp_path / f"{name}.log").is_file()
+    if steps["train"]["status"] == "SKIPPED":
+        assert "1 NOT RUN (train)" in _last_line(r), _last_line(r)
+    env_log = (tmp_path / "env.log").read_text()
+    assert "host C compiler: " in env_log or "WARNING: no host C compiler" in env_log, env_log
+    assert "Python headers: " in env_log or "WARNING: no Python headers" in env_log, env_log
     for name in ("kernels_gpu.csv", "layers_gpu.csv", "gpu_check_gpu.csv"):
         rows = list(csv.DictReader((tmp_path / "results" / name).open()))
         assert rows and all(row.get("device_name") for row in rows), name

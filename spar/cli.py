@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -38,14 +39,37 @@ def _positive_int(text: str) -> int:
 
 
 def _count(text: str) -> int:
-    """A positive integer, also written as ``5.7e6``."""
+    """A positive integer, exactly (``12345678901234567``), also written as ``5.7e6``."""
     try:
-        value = float(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 1 or not value.is_integer():
+        value = None
+    if value is None:  # 5.7e6: a float form, exact when it is a whole number
+        try:
+            f = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(f) or not f.is_integer():
+            raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+        value = _exact_int(text, f)
+    if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(value)
+    return value
+
+
+def _exact_int(text: str, approx: float) -> int:
+    """The integer ``text`` (``5.7e6``) denotes, exactly (Decimal, not the nearest double)."""
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        d = Decimal(text.strip())
+    except InvalidOperation:
+        return int(approx)
+    if d != d.to_integral_value():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    if d.adjusted() > 30:  # 1e300: beyond any count; keep it out of int(Decimal)
+        return int(approx)
+    return int(d)
 
 
 def _float(text: str) -> float:
@@ -138,23 +162,23 @@ def _add_plan_parser(sub) -> None:
     )
     g.add_argument(
         "--samples",
-        type=_positive_int,
+        type=_count,
         required=True,
         metavar="S",
         help="Monte Carlo weight samples per step (count)",
     )
     g.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=_count,
         required=True,
         metavar="B",
         help="global batch per step (examples)",
     )
     g.add_argument(
         "--dataset-size",
-        type=_positive_int,
+        type=_count,
         metavar="N",
-        help="examples per epoch (for the epoch time; default: none)",
+        help="examples per epoch, >= B (for the epoch time; default: none)",
     )
     g.add_argument(
         "--sample-cost-s",
@@ -166,7 +190,7 @@ def _add_plan_parser(sub) -> None:
     )
     g.add_argument(
         "--cost-batch",
-        type=_positive_int,
+        type=_count,
         metavar="B",
         help="examples over which --sample-cost-s was measured (default: B)",
     )
@@ -220,11 +244,11 @@ def _add_plan_parser(sub) -> None:
     )
     h = p.add_argument_group("hardware")
     h.add_argument(
-        "--gpus", type=_positive_int, required=True, metavar="G", help="GPUs in the job (count)"
+        "--gpus", type=_count, required=True, metavar="G", help="GPUs in the job (count)"
     )
     h.add_argument(
         "--gpus-per-node",
-        type=_positive_int,
+        type=_count,
         default=8,
         metavar="G",
         help="GPUs per node (count; default 8)",
@@ -248,14 +272,18 @@ def _add_plan_parser(sub) -> None:
         type=_float,
         default=150.0,
         metavar="GB/S",
-        help="all-reduce ring bandwidth inside a node (GB/s = 1e9 bytes/s; default 150)",
+        help="bus bandwidth of an all-reduce ring inside a node, per GPU, as nccl-tests "
+        "all_reduce_perf reports busbw (not the link rate: the model applies the "
+        "2(n-1)/n bus factor itself; GB/s = 1e9 bytes/s; default 150)",
     )
     h.add_argument(
         "--inter-node-gb-s",
         type=_float,
         default=25.0,
         metavar="GB/S",
-        help="all-reduce ring bandwidth across nodes (GB/s = 1e9 bytes/s; default 25)",
+        help="bus bandwidth of an all-reduce ring that spans nodes, per GPU, as nccl-tests "
+        "all_reduce_perf reports busbw across nodes (bounded by the network bandwidth per "
+        "GPU; not the link rate; GB/s = 1e9 bytes/s; default 25)",
     )
     h.add_argument(
         "--latency-us",
@@ -296,6 +324,11 @@ def _add_plan_parser(sub) -> None:
                    help="print a JSON list of rows (times in s, memory in bytes)")  # fmt: skip
 
 
+def _fixed(x: float, digits: int) -> str:
+    """``x`` with ``digits`` decimals, or 3 significant digits from 1e6 on (short columns)."""
+    return f"{x:.{digits}f}" if x < 1e6 else f"{x:.3g}"
+
+
 def _plan_table(rows) -> str:
     epoch = rows[0].epoch_time_s is not None
     head = ["#", "mode", "grid", "S/rank", "B/rank", "step", "epoch" if epoch else "",
@@ -304,9 +337,9 @@ def _plan_table(rows) -> str:
     for i, r in enumerate(rows, 1):
         lines.append([
             str(i), r.mode, f"{r.sample_axis}x{r.data_axis}", str(r.samples_per_rank),
-            str(r.batch_per_rank), f"{r.step_time_s * 1e3:.2f} ms",
-            f"{r.epoch_time_s:.2f} s" if epoch else "", f"{r.efficiency:.2f}",
-            f"{r.memory_per_rank_bytes / 2**30:.1f}", "yes" if r.fits else "NO",
+            str(r.batch_per_rank), f"{_fixed(r.step_time_s * 1e3, 2)} ms",
+            f"{_fixed(r.epoch_time_s, 2)} s" if epoch else "", f"{r.efficiency:.2f}",
+            _fixed(r.memory_per_rank_bytes / 2**30, 1), "yes" if r.fits else "NO",
         ])  # fmt: skip
     widths = [max(len(x) for x in col) for col in zip(head, *lines, strict=True)]
     out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()]
@@ -321,6 +354,9 @@ _PLAN_FLAGS = {
     "num_samples": "--samples",
     "batch_size": "--batch-size",
     "gpus": "--gpus",
+    "gpus_per_node": "--gpus-per-node",
+    "dataset_size": "--dataset-size",
+    "cost_batch": "--cost-batch",
     "bayesian_fraction": "--bayesian-fraction",
     "sample_cost_s": "--sample-cost-s",
     "weight_cost_s": "--weight-cost-s",
@@ -337,6 +373,26 @@ _PLAN_FLAGS = {
     "bucket_mb": "--bucket-mb",
     "first_bucket_mb": "--first-bucket-mb",
 }
+
+
+_PLAN_NAMES = re.compile(r"\b(" + "|".join(sorted(_PLAN_FLAGS, key=len, reverse=True)) + r")\b")
+
+
+def _plan_ties(rows) -> str:
+    """One line when the grids that fit tie in step time (within 0.1%), else ""."""
+    fit = [r for r in rows if r.fits]
+    times = [r.step_time_s for r in fit]
+    if len(fit) < 2 or max(times) > min(times) * 1.001:
+        return ""
+    same = all(math.isclose(r.compute_s, fit[0].compute_s, rel_tol=1e-9) for r in fit)
+    why = "compute (S/sample) x (B/data) x cost is the same on every grid" if same else ""
+    return (
+        f"note: the {len(fit)} grids that fit tie in step time (within 0.1%"
+        f"{'; ' + why if why else ''}), so the "
+        "order is only the tie-break (fewer data ranks first); give --weight-cost-s, the "
+        "batch-independent cost per weight sample (measure it), to separate them; a rank's "
+        "efficiency at a smaller local batch is not modelled"
+    )
 
 
 def _run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -371,16 +427,16 @@ def _run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             modes=args.modes,
         )
     except (ValueError, TypeError) as e:
-        message = str(e)
-        for name, flag in _PLAN_FLAGS.items():  # name the flag the user typed
-            if message.startswith(name + " "):
-                message = flag + message[len(name) :]
+        message = _PLAN_NAMES.sub(lambda m: _PLAN_FLAGS[m.group(0)], str(e))  # flags typed
         parser.exit(2, f"spar plan: error: {message}\n")
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=1))
     else:
         print("predicted by spar's cost model (spar plan --help); fastest grid that fits first")
         print(_plan_table(rows))
+        ties = _plan_ties(rows)
+        if ties:
+            print(ties)
     return 0
 
 

@@ -175,27 +175,40 @@ def ring_allreduce_time(nbytes: float, n: int, bandwidth: float, latency: float)
     return 2 * (n - 1) * latency + 2 * (n - 1) / n * nbytes / bandwidth
 
 
-def _buckets(cfg: _Config) -> list[tuple[float, float]]:
-    """``[(bytes, ready fraction of backward)]`` in launch order."""
+def _buckets(cfg: _Config) -> list[tuple[float, float, int, float]]:
+    """``[(bytes, ready fraction of backward, count, ready step)]`` in launch order.
+
+    A row stands for ``count`` equal buckets of ``bytes``, the ``j``-th (from 0) ready at
+    ``ready + j * step``: the full buckets of a constant-rate profile are one row, so the
+    bucket count never costs a Python loop (a 1e12-parameter model has millions of them).
+    """
     total = float(cfg.trainable_params * cfg.comm_bytes)
     first, cap = cfg.first_bucket_bytes, cfg.bucket_bytes
     if cfg.segments is None:  # gradients produced at a constant rate: split exactly
-        sizes: list[float] = []
+        out: list[tuple[float, float, int, float]] = []
         rest = total
         last = min(first, total) if cfg.small_last_bucket else 0.0
         rest -= last
+        done = 0.0
         if rest > 0:
-            sizes.append(min(first, rest))
-            rest -= sizes[-1]
-        while rest > 1e-9 * total:
-            sizes.append(min(cap, rest))
-            rest -= sizes[-1]
+            head = min(first, rest)
+            rest -= head
+            done += head
+            out.append((head, min(1.0, done / total), 1, 0.0))
+        if rest > 1e-9 * total:
+            full = int(rest // cap)  # k full buckets of cap, then what remains
+            rem = rest - full * cap
+            if rem <= 1e-9 * total:
+                rem = 0.0
+            if full:
+                r0 = min(1.0, (done + cap) / total)
+                out.append((cap, r0, full, cap / total))
+                done += full * cap
+            if rem > 0:
+                done += rem
+                out.append((rem, min(1.0, done / total), 1, 0.0))
         if last > 0:
-            sizes.append(last)
-        out, done = [], 0.0
-        for s in sizes:
-            done += s
-            out.append((s, min(1.0, done / total)))
+            out.append((last, 1.0, 1, 0.0))
         return out
     segs = [(f * total, r) for f, r in cfg.segments]
     tail: list[tuple[float, float]] = []
@@ -208,25 +221,62 @@ def _buckets(cfg: _Config) -> list[tuple[float, float]]:
     for b, r in segs:
         cur, ready = cur + b, max(ready, r)
         if cur >= (first if not out else cap):
-            out.append((cur, ready))
+            out.append((cur, ready, 1, 0.0))
             cur = 0.0
     if cur > 0:
-        out.append((cur, ready))
+        out.append((cur, ready, 1, 0.0))
     if tail:
-        out.append((sum(b for b, _ in tail), max(r for _, r in tail)))
+        out.append((sum(b for b, _ in tail), max(r for _, r in tail), 1, 0.0))
     return out
 
 
+def _num_buckets(buckets: list[tuple[float, float, int, float]]) -> int:
+    return sum(count for _, _, count, _ in buckets)
+
+
 def _pipeline(
-    buckets: list[tuple[float, float]], t_backward: float, n: int, bw: float, lat: float
+    buckets: list[tuple[float, float, int, float]],
+    t_backward: float,
+    n: int,
+    bw: float,
+    lat: float,
 ) -> tuple[float, float]:
-    """(all-reduce time of all buckets, time the last one ends after backward)."""
+    """(all-reduce time of all buckets, time the last one ends after backward).
+
+    Buckets go out one after another: ``end_j = max(end_{j-1}, ready_j) + t``. For ``k``
+    equal buckets (time ``t``) ready at ``R_0 + j * d`` this unrolls to ``max(end + k t,
+    max_j(R_j + (k - j) t))``, linear in ``j``, so its maximum is at ``j = 0`` or ``k - 1``.
+    """
     end = total = 0.0
-    for nbytes, ready in buckets:
+    for nbytes, ready, count, step in buckets:
         t = ring_allreduce_time(nbytes, n, bw, lat)
-        end = max(end, ready * t_backward) + t
-        total += t
+        if count == 1:
+            end = max(end, ready * t_backward) + t
+        else:
+            r_last = min(1.0, ready + (count - 1) * step)
+            end = max(end + count * t, ready * t_backward + count * t, r_last * t_backward + t)
+        total += count * t
     return total, max(0.0, end - t_backward)
+
+
+def _fmt_gib(nbytes: float) -> str:
+    """GiB with one decimal, or 3 significant digits past 1e5 GiB (no 30-digit columns)."""
+    g = nbytes / _GIB
+    return f"{g:.1f}" if g < 1e5 else f"{g:.3g}"
+
+
+def _check_finite(**values: float | None) -> None:
+    """Raise a ValueError naming the inputs behind a result that overflowed."""
+    culprits = {
+        "compute": "sample_cost_s, weight_cost_s, num_samples or batch_size",
+        "comm": "num_params, bucket_mb, intra_node_gb_s/inter_node_gb_s or latency_us",
+        "step": "sample_cost_s, weight_cost_s, step_overhead_s or the all-reduce inputs",
+        "epoch": "dataset_size or the step time's inputs",
+        "t_one": "sample_cost_s, weight_cost_s, num_samples or batch_size",
+    }
+    for name, v in values.items():
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"the predicted {name} time overflowed ({v}): reduce {culprits[name]}")
 
 
 def _mode(a: int, b: int) -> str:
@@ -236,6 +286,8 @@ def _mode(a: int, b: int) -> str:
 
 
 def _fmt_s(t: float) -> str:
+    if t >= 1e6:
+        return f"{t:.3g} s"
     if t >= 100:
         return f"{t:.0f} s"
     if t >= 0.1:
@@ -249,7 +301,7 @@ def _timing(
     cfg: _Config,
     a: int,
     b: int,
-    buckets: list[tuple[float, float]] | None = None,
+    buckets: list[tuple[float, float, int, float]] | None = None,
     latency: float | None = None,
     inter_bw: float | None = None,
 ) -> tuple[float, float, float, float]:
@@ -277,12 +329,14 @@ def _evaluate(cfg: _Config, a: int, b: int) -> PlanRow:
     nodes = math.ceil(n / cfg.gpus_per_node)
     bw = cfg.intra_bw if nodes == 1 else cfg.inter_bw
     buckets = _buckets(cfg) if n > 1 else []
+    nb = _num_buckets(buckets)
     step, compute, comm, exposed = _timing(cfg, a, b, buckets)
     t_one = cfg.step_overhead + cfg.num_samples * (
         cfg.weight_cost + cfg.sample_cost * cfg.batch_size / cfg.cost_batch
     )
-    steps = math.ceil(cfg.dataset_size / cfg.batch_size) if cfg.dataset_size else None
+    steps = -(-cfg.dataset_size // cfg.batch_size) if cfg.dataset_size else None
     epoch = steps * step if steps else None
+    _check_finite(step=step, compute=compute, comm=comm, epoch=epoch, t_one=t_one)
 
     p = cfg.trainable_params
     param_b = p * cfg.param_bytes
@@ -295,9 +349,9 @@ def _evaluate(cfg: _Config, a: int, b: int) -> PlanRow:
     reason = ""
     if not fits:
         reason = (
-            f"needs {mem / _GIB:.1f} GiB per rank > {cfg.device_memory / _GIB:.1f} GiB "
-            f"(params+grads+optimizer {(param_b + grad_b + opt_b + buf_b) / _GIB:.1f} GiB, "
-            f"activations {act_b / _GIB:.1f} GiB for {s_loc} sample{'s' if s_loc > 1 else ''} "
+            f"needs {_fmt_gib(mem)} GiB per rank > {_fmt_gib(cfg.device_memory)} GiB "
+            f"(params+grads+optimizer {_fmt_gib(param_b + grad_b + opt_b + buf_b)} GiB, "
+            f"activations {_fmt_gib(act_b)} GiB for {s_loc} sample{'s' if s_loc > 1 else ''} "
             f"x {b_loc} example{'s' if b_loc > 1 else ''})"
         )
 
@@ -309,13 +363,13 @@ def _evaluate(cfg: _Config, a: int, b: int) -> PlanRow:
         where = "in 1 node" if nodes == 1 else f"across {nodes} nodes"
         parts += (
             f" + exposed all-reduce {_fmt_s(exposed * scale)} (of {_fmt_s(comm * scale)}; "
-            f"{len(buckets)} bucket{'s' if len(buckets) > 1 else ''}, ring of {n} {where} "
+            f"{nb} bucket{'s' if nb > 1 else ''}, ring of {n} {where} "
             f"at {bw / _GB:g} GB/s)"
         )
     text = (
         f"{parts} {unit}; {s_loc} sample{'s' if s_loc > 1 else ''} x {b_loc} "
         f"example{'s' if b_loc > 1 else ''} per rank;"
-        f" {mem / _GIB:.1f} GiB per rank"
+        f" {_fmt_gib(mem)} GiB per rank"
     )
     if cfg.activation_bytes is None:
         text += " (activations not counted: give activation_bytes)"
@@ -335,7 +389,7 @@ def _evaluate(cfg: _Config, a: int, b: int) -> PlanRow:
         overhead_s=cfg.step_overhead,
         comm_s=comm,
         exposed_comm_s=exposed,
-        num_buckets=len(buckets),
+        num_buckets=nb,
         efficiency=t_one / (n * step),
         memory_per_rank_bytes=mem,
         param_bytes=int(param_b),
@@ -351,22 +405,54 @@ def _evaluate(cfg: _Config, a: int, b: int) -> PlanRow:
 # ---------------------------------------------------------------------------- validation
 
 
-def _int(name: str, value: Any, minimum: int = 1) -> int:
+# Sane ranges: beyond them the results overflow or stop meaning anything, and a huge GPU
+# count would make the grid search slow. Counts are ints <= _MAX_COUNT, except these:
+_MAX_COUNT = 10**15
+_MAX_GPUS = 10**9
+_MAX_SECONDS = 1e9  # per sample-batch, weight sample or step (31 years)
+_MAX_GIB = 1e9
+_BW_GB_S = (1e-6, 1e9)  # 1 kB/s .. 1 EB/s
+_MIN_BUCKET_BYTES = 1024
+
+
+def _short(value: int) -> str:
+    """``1.23e+16`` for a big int; ints past a float's range by their bit length."""
+    try:
+        return f"{value:.3g}"
+    except OverflowError:
+        return f"about 2^{value.bit_length()}"
+
+
+def _int(name: str, value: Any, minimum: int = 1, maximum: int = _MAX_COUNT) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be an int <= {maximum:.0e}, got {_short(value)}")
     return value
 
 
-def _num(name: str, value: Any, *, minimum: float = 0.0, strict: bool = True) -> float:
+def _num(
+    name: str,
+    value: Any,
+    *,
+    minimum: float = 0.0,
+    strict: bool = True,
+    maximum: float = math.inf,
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int past 1.8e308
+        raise ValueError(f"{name} must be a number <= {maximum:g}, got {_short(value)}") from None
     bad = not math.isfinite(value) or (value <= minimum if strict else value < minimum)
     if bad:
         op = ">" if strict else ">="
         raise ValueError(f"{name} must be a finite number {op} {minimum:g}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be a number <= {maximum:g}, got {value:g}")
     return value
 
 
@@ -498,14 +584,20 @@ def _config(
         if isinstance(num_params, float) and num_params.is_integer():
             num_params = int(num_params)
         trainable = int(round(_int("num_params", num_params) * (1 + bayesian_fraction)))
+    if trainable > 2 * _MAX_COUNT:
+        raise ValueError(f"model has {_short(trainable)} trainable values: at most 2e+15")
     if grad_profile is not None:
         segments = _check_profile(grad_profile)
 
     num_samples = _int("num_samples", num_samples)
     batch_size = _int("batch_size", batch_size)
-    gpus = _int("gpus", gpus)
+    gpus = _int("gpus", gpus, maximum=_MAX_GPUS)
     if dataset_size is not None:
-        dataset_size = _int("dataset_size", dataset_size)
+        dataset_size = _int("dataset_size", dataset_size, maximum=10**18)  # tokens, say
+        if dataset_size < batch_size:
+            raise ValueError(
+                f"dataset_size must be >= batch_size (one step), got {dataset_size} < {batch_size}"
+            )
     if sample_cost_s is None:
         if model is None or example_input is None:
             raise ValueError(
@@ -529,30 +621,50 @@ def _config(
         batch_size=batch_size,
         gpus=gpus,
         dataset_size=dataset_size,
-        gpus_per_node=_int("gpus_per_node", gpus_per_node),
-        device_memory=_num("device_memory_gib", device_memory_gib) * _GIB,
-        intra_bw=_num("intra_node_gb_s", intra_node_gb_s) * _GB,
-        inter_bw=_num("inter_node_gb_s", inter_node_gb_s) * _GB,
-        latency=_num("latency_us", latency_us, strict=False) * 1e-6,
-        sample_cost=_num("sample_cost_s", sample_cost_s),
-        weight_cost=_num("weight_cost_s", weight_cost_s, strict=False),
+        gpus_per_node=_int("gpus_per_node", gpus_per_node, maximum=_MAX_GPUS),
+        device_memory=_num("device_memory_gib", device_memory_gib, maximum=_MAX_GIB) * _GIB,
+        intra_bw=_bandwidth("intra_node_gb_s", intra_node_gb_s),
+        inter_bw=_bandwidth("inter_node_gb_s", inter_node_gb_s),
+        latency=_num("latency_us", latency_us, strict=False, maximum=_MAX_SECONDS) * 1e-6,
+        sample_cost=_num("sample_cost_s", sample_cost_s, maximum=_MAX_SECONDS),
+        weight_cost=_num("weight_cost_s", weight_cost_s, strict=False, maximum=_MAX_SECONDS),
         cost_batch=_int("cost_batch", cost_batch) if cost_batch is not None else batch_size,
-        step_overhead=_num("step_overhead_s", step_overhead_s, strict=False),
+        step_overhead=_num("step_overhead_s", step_overhead_s, strict=False, maximum=_MAX_SECONDS),
         activation_bytes=(
             None
             if activation_bytes is None
-            else _num("activation_bytes", activation_bytes, strict=False)
+            else _num("activation_bytes", activation_bytes, strict=False, maximum=_MIB * _GIB)
         ),
         comm_bytes=_dtype_bytes("comm_dtype", comm_dtype),
         param_bytes=_dtype_bytes("param_dtype", param_dtype),
         optimizer_copies=OPTIMIZERS[optimizer],
-        memory_overhead=_num("memory_overhead_gib", memory_overhead_gib, strict=False) * _GIB,
-        bucket_bytes=_num("bucket_mb", bucket_mb) * _MIB,
-        first_bucket_bytes=_num("first_bucket_mb", first_bucket_mb) * _MIB,
+        memory_overhead=_num(
+            "memory_overhead_gib", memory_overhead_gib, strict=False, maximum=_MAX_GIB
+        )
+        * _GIB,
+        bucket_bytes=_bucket("bucket_mb", bucket_mb),
+        first_bucket_bytes=_bucket("first_bucket_mb", first_bucket_mb),
         small_last_bucket=small_last_bucket,
         backward_fraction=bf,
         segments=segments,
     )
+
+
+def _bandwidth(name: str, value: Any) -> float:
+    """GB/s -> bytes/s, within :data:`_BW_GB_S`."""
+    lo, hi = _BW_GB_S
+    gb_s = _num(name, value, maximum=hi)
+    if gb_s < lo:
+        raise ValueError(f"{name} must be >= {lo:g} GB/s (1 kB/s), got {gb_s:g}")
+    return gb_s * _GB
+
+
+def _bucket(name: str, value: Any) -> float:
+    """MiB -> bytes, at least 1 KiB (smaller buckets would only model launch overhead)."""
+    nbytes = _num(name, value, maximum=_MAX_GIB * 1024) * _MIB
+    if nbytes < _MIN_BUCKET_BYTES:
+        raise ValueError(f"{name} must be >= 1 KiB ({1 / 1024:g} MiB), got {value:g} MiB")
+    return nbytes
 
 
 def _check_profile(profile: Sequence[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
@@ -580,7 +692,16 @@ def _check_profile(profile: Sequence[tuple[float, float]]) -> tuple[tuple[float,
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """Divisors of ``n`` in increasing order, by trial division up to ``sqrt(n)``."""
+    small, large = [], []
+    d = 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]
 
 
 # ---------------------------------------------------------------------------- public API
@@ -646,11 +767,26 @@ def plan(
         modes: keep only these modes (``local``, ``sp``, ``ddp``, ``hybrid``).
 
     Returns:
-        :class:`PlanRow` s, grids that fit first, then by predicted time (fastest first).
+        :class:`PlanRow` s, grids that fit first, then by predicted time (fastest first),
+        then fewer data ranks first.
+
+    Ties:
+        With ``weight_cost_s=0`` (the default) compute is ``(S/a) * (B/b) * sample_cost_s /
+        cost_batch``, the same for every grid ``a * b = gpus``: only the all-reduce (the same
+        world size on every grid too, so the same unless the bucketing's overlap differs) and
+        memory can separate them, and the rows usually tie in step time, so the ranking is
+        only the tie-break. What would separate them is ``weight_cost_s``, the
+        batch-independent cost per weight sample (measure it: the time of one sample at a
+        tiny batch), which a sample split divides and a data split does not. A rank's
+        efficiency at a smaller local batch (GPU utilisation) is not modelled. ``spar plan``
+        says so when the fitting rows tie within 0.1%.
 
     Raises:
-        ValueError/TypeError naming the argument and what it expects; ValueError when no
-        grid satisfies ``sample | S`` and ``data | B``.
+        ValueError/TypeError naming the argument and what it expects (counts are ints up to
+        1e15, ``dataset_size`` up to 1e18 and at least ``batch_size``, ``gpus`` up to 1e9,
+        times up to 1e9 s, bandwidths 1e-6..1e9 GB/s, buckets at least 1 KiB); ValueError
+        when no grid satisfies ``sample | S`` and ``data | B``, or when a prediction
+        overflows.
     """
     cfg = _config(
         model,
@@ -688,7 +824,8 @@ def plan(
         if unknown:
             raise ValueError(f"modes must be a subset of {MODES}, got {list(modes)}")
     rows = []
-    for a in _divisors(cfg.gpus):
+    # the sample axis divides both S and gpus: only the divisors of their gcd (<= sqrt steps)
+    for a in _divisors(math.gcd(cfg.num_samples, cfg.gpus)):
         b = cfg.gpus // a
         if cfg.num_samples % a or cfg.batch_size % b:
             continue

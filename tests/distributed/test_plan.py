@@ -4,6 +4,7 @@ memory fit, explanations, bad input, and calibration recovering known constants.
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -264,3 +265,118 @@ def test_measured_cost_and_activations():
     assert all(r.activation_bytes == act * r.samples_per_rank * r.batch_per_rank for r in rows)
     with pytest.raises(TypeError, match="example_input"):
         measure_sample_cost(model, [1.0, 2.0])
+
+
+def _loop_pipeline(buckets, t_backward, n, bw, lat):
+    """The per-bucket reference of ``_pipeline``: every bucket of a row, one by one."""
+    end = total = 0.0
+    for nbytes, ready, count, step in buckets:
+        for j in range(count):
+            t = ring_allreduce_time(nbytes, n, bw, lat)
+            end = max(end, min(1.0, ready + j * step) * t_backward) + t
+            total += t
+    return total, max(0.0, end - t_backward)
+
+
+@pytest.mark.parametrize("sample_cost", [1e-5, 1e-3, 0.1, 10.0])
+@pytest.mark.parametrize("bucket_mb", [0.01, 0.3, 1.0, 7.0])
+@pytest.mark.parametrize("small_last", [True, False])
+def test_equal_buckets_closed_form_matches_the_loop(sample_cost, bucket_mb, small_last):
+    from spar.distributed.plan import _buckets, _config_for, _num_buckets, _pipeline
+
+    kw = dict(BASE, sample_cost_s=sample_cost, bucket_mb=bucket_mb, first_bucket_mb=0.5,
+              small_last_bucket=small_last)  # fmt: skip
+    del kw["num_samples"], kw["batch_size"], kw["gpus"]
+    cfg = _config_for(Observation(8, 64, 2, 2, 1.0), kw)
+    buckets = _buckets(cfg)
+    assert sum(b * c for b, _, c, _ in buckets) == pytest.approx(8e6)  # all bytes, once
+    expect = math.ceil((8e6 - (1 + small_last) * 0.5 * MIB) / (bucket_mb * MIB))
+    assert _num_buckets(buckets) == 1 + small_last + expect
+    for n, tb in [(4, 1e-6), (4, 1e-3), (4, 0.05), (32, 2.0)]:
+        got = _pipeline(buckets, tb, n, 10e9, 5e-6)
+        assert got == pytest.approx(_loop_pipeline(buckets, tb, n, 10e9, 5e-6), rel=1e-9)
+
+
+def test_many_buckets_return_at_once():
+    # 2e15 values x 4 B in 1 KiB buckets: 8e12 buckets, in closed form (was one loop each)
+    t = time.perf_counter()
+    kw = dict(BASE, num_params=10**15, bucket_mb=1 / 1024, first_bucket_mb=1 / 1024)
+    rows = plan(**kw)
+    assert time.perf_counter() - t < 2.0
+    assert rows[0].num_buckets == 8 * 10**15 // 1024
+    assert all(math.isfinite(r.step_time_s) and r.exposed_comm_s > 0 for r in rows)
+
+
+@pytest.mark.parametrize("name", ["bucket_mb", "first_bucket_mb"])
+def test_bucket_under_1_kib_rejected(name):
+    with pytest.raises(ValueError, match=f"{name} must be >= 1 KiB"):
+        plan(**{**BASE, name: 1e-6})
+
+
+def test_divisors_fast_and_exact():
+    from spar.distributed.plan import _divisors
+
+    for n in range(1, 200):
+        assert _divisors(n) == [d for d in range(1, n + 1) if n % d == 0]
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match="no grid"):  # 1e9 GPUs: was a loop over 1e9
+        plan(**{**BASE, "gpus": 10**9})
+    rows = plan(**{**BASE, "gpus": 2**29, "num_samples": 2**20, "batch_size": 2**20})
+    assert time.perf_counter() - t < 2.0
+    assert sorted(r.sample_axis for r in rows) == [2**k for k in range(9, 21)]  # data <= 2^20
+    with pytest.raises(ValueError, match="gpus must be an int <= 1e"):
+        plan(**{**BASE, "gpus": 10**12})
+
+
+@pytest.mark.parametrize(
+    "change, name",
+    [
+        ({"sample_cost_s": 1e308}, "sample_cost_s"),
+        ({"weight_cost_s": 1e300}, "weight_cost_s"),
+        ({"step_overhead_s": 1e300}, "step_overhead_s"),
+        ({"activation_bytes": 1e300}, "activation_bytes"),
+        ({"num_params": 10**300}, "num_params"),
+        ({"num_params": 1e300}, "num_params"),
+        ({"num_params": 10**400}, "num_params"),  # past a float: no OverflowError
+        ({"sample_cost_s": 10**400}, "sample_cost_s"),
+        ({"num_samples": 10**300}, "num_samples"),
+        ({"dataset_size": 10**300}, "dataset_size"),
+        ({"inter_node_gb_s": 1e-300}, "inter_node_gb_s"),
+        ({"intra_node_gb_s": 1e300}, "intra_node_gb_s"),
+        ({"latency_us": 1e300}, "latency_us"),
+        ({"device_memory_gib": 1e300}, "device_memory_gib"),
+        ({"bucket_mb": 1e300}, "bucket_mb"),
+        ({"dataset_size": 10}, "dataset_size must be >= batch_size"),
+    ],
+)
+def test_out_of_range_input_rejected(change, name):
+    with pytest.raises(ValueError, match=name):
+        plan(**{**BASE, **change})
+
+
+def test_extreme_but_valid_input_gives_finite_short_results():
+    rows = plan(num_params=10**15, num_samples=10**9, batch_size=10**9, gpus=10**9,
+                sample_cost_s=1e9, weight_cost_s=1e9, step_overhead_s=1e9, latency_us=1e9,
+                inter_node_gb_s=1e-6, activation_bytes=2**50, dataset_size=10**15)  # fmt: skip
+    for r in rows:
+        for v in (r.step_time_s, r.epoch_time_s, r.comm_s, r.efficiency):
+            assert math.isfinite(v) and v > 0
+        assert len(r.explanation) < 400 and "e+" in r.explanation  # no 30-digit numbers
+
+
+def test_overflowing_result_names_the_inputs():
+    from spar.distributed.plan import _check_finite
+
+    _check_finite(step=1.0, epoch=None)
+    with pytest.raises(ValueError, match="compute time overflowed.*sample_cost_s"):
+        _check_finite(step=1.0, compute=math.inf)
+
+
+def test_default_grids_tie_and_docstring_says_why():
+    rows = plan(**BASE)
+    assert len({round(r.step_time_s, 12) for r in rows}) == 1  # weight_cost_s = 0: all tie
+    assert [r.data_axis for r in rows] == sorted(r.data_axis for r in rows)  # the tie-break
+    doc = " ".join(plan.__doc__.split())
+    assert "Ties" in doc and "weight_cost_s" in doc and "not modelled" in doc
+    rows = plan(**BASE, weight_cost_s=1e-4)
+    assert rows[0].step_time_s < rows[-1].step_time_s * 0.999

@@ -77,25 +77,28 @@ def linear_backward(dy: Tensor, x: Tensor, mu: Tensor | None, rho: Tensor, key: 
     sampler = _sampler(make_sampler, key, pid, mu, rho, need_mu, need_rho)
     xs = x.unsqueeze(0) if shared else x.view(S, -1, K)
     dys = dy.view(S, -1, N)
+    B = xs.shape[1]
     dx = None
-    if need_x:
-        dx = x.new_zeros(x.shape) if shared else x.new_empty(S, xs.shape[1], K)
+    if need_x:  # shared: summed over samples, in at least fp32 whatever x's dtype
+        acc = torch.promote_types(x.dtype, torch.float32)
+        dx = x.new_zeros(x.shape, dtype=acc) if shared else x.new_empty(S, B, K)
     for lo, hi in chunks(S, rho.numel()):
         dy_c = dys[lo:hi]
         if need_x:
             w = sampler.weights(lo, hi, dy.dtype)
-            dx_c = torch.matmul(dy_c, w)  # (c, B, K)
-            del w  # free the chunk's weights before the weight gradients are formed
-            if shared:
-                dx += dx_c.sum(0)
+            if shared:  # sum_s dy_s @ W_s as one GEMM over the concatenated (sample, n) axis
+                c = hi - lo
+                dy_cat = dy_c.permute(1, 0, 2).reshape(B, c * N)
+                dx += torch.mm(dy_cat, w.reshape(c * N, K)).to(dx.dtype)
             else:
-                dx[lo:hi] = dx_c
+                torch.matmul(dy_c, w, out=dx[lo:hi])
+            del w  # free the chunk's weights before the weight gradients are formed
         if need_mu or need_rho:
             g_w = torch.matmul(dy_c.transpose(1, 2), xs if shared else xs[lo:hi])
             sampler.add_grads(g_w, lo, hi)
             del g_w
-    if dx is not None and not shared:
-        dx = dx.view(x.shape)
+    if dx is not None:
+        dx = dx.to(x.dtype) if shared else dx.view(x.shape)
     return dx, *sampler.grads()
 
 

@@ -48,6 +48,7 @@ import triton.language as tl
 from torch import Tensor
 
 from spar import _env
+from spar.ops.backends.torch import sampled
 from spar.ops.backends.triton._utils import (
     FLOAT_DTYPES,
     as_i32,
@@ -61,8 +62,7 @@ from spar.ops.backends.triton._utils import (
     to_dot,
     to_store,
 )
-from spar.ops.backends.triton.sample import sample_weights, sample_weights_backward
-from spar.ops.library import chunk_samples
+from spar.ops.backends.triton.sample import TritonSampler
 from spar.rng import NoiseKey
 
 # Kept at 128 by the cost model (bench/cost_model.py; bench/results/cost_model.md, all
@@ -539,10 +539,9 @@ def sampled_linear_forward(x: Tensor, mu: Tensor | None, rho: Tensor, key: Noise
     """The ``sampled_linear`` primitive: x ``(S*B, K)`` or shared ``(B, K)`` -> ``(S*B, N)``
     on the fused or the chunked path (:func:`choose_path`)."""
     _check(x, mu, rho)
-    sig = F.softplus(rho)
     if choose_path(_rows(x, key, shared)) == "fused":
-        return fused_forward(x, mu, sig, key, pid, shared)
-    return chunked_forward(x, mu, sig, key, pid, shared)
+        return fused_forward(x, mu, F.softplus(rho), key, pid, shared)
+    return chunked_forward(x, mu, rho, key, pid, shared)
 
 
 def sampled_linear_backward(dy: Tensor, x: Tensor, mu: Tensor | None, rho: Tensor,
@@ -566,64 +565,18 @@ def sampled_linear_backward(dy: Tensor, x: Tensor, mu: Tensor | None, rho: Tenso
     return dx, g_mu, g_rho
 
 
-def chunked_forward(x: Tensor, mu: Tensor | None, sig: Tensor, key: NoiseKey, pid: int,
+def chunked_forward(x: Tensor, mu: Tensor | None, rho: Tensor, key: NoiseKey, pid: int,
                     shared: int) -> Tensor:  # fmt: skip
     """Chunked path: the sampling kernel writes a chunk of samples' weights (bounded by
-    ``SPAR_CHUNK_NUMEL``) into a workspace, cuBLAS multiplies."""
-    S = key.num_samples
-    B = _rows(x, key, shared)
-    N, K = sig.shape
-    xs = x if shared else x.view(S, B, K)
-    y = x.new_empty((S, B, N))
-    c = chunk_samples(S, N * K)
-    work = x.new_empty((c, N, K))
-    for lo in range(0, S, c):
-        hi = min(S, lo + c)
-        w = sample_weights(mu, sig, key, pid, (lo, hi), out=work[: hi - lo])
-        torch.matmul(xs if shared else xs[lo:hi], w.transpose(1, 2), out=y[lo:hi])
-    return y.view(S * B, N)
+    ``SPAR_CHUNK_NUMEL``) into a workspace, cuBLAS multiplies: the torch backend's chunk
+    loop with the Triton sampler."""
+    return sampled.linear_forward(x, mu, rho, key, pid, shared, make_sampler=TritonSampler)
 
 
 def chunked_backward(dy: Tensor, x: Tensor, mu: Tensor | None, rho: Tensor, key: NoiseKey,
                      pid: int, shared: int, needs: tuple[bool, bool, bool]) -> tuple:  # fmt: skip
     """Gradients of :func:`chunked_forward`: per chunk, the weights are resampled for dx and
     ``dW`` is reduced by the sampling kernel's backward (eps regenerated)."""
-    need_x, need_mu, need_rho = needs
-    S = key.num_samples
-    B = _rows(x, key, shared)
-    N, K = rho.shape
-    dys = dy.view(S, B, N)
-    xs = x if shared else x.view(S, B, K)
-    need_w = need_mu or need_rho
-    sig = F.softplus(rho) if need_x else None
-    dx = dx_acc = g_mu = g_rho = None
-    if need_x:
-        if shared:
-            dx_acc = torch.zeros((B, K), dtype=torch.float32, device=x.device)
-        else:
-            dx = x.new_empty((S, B, K))
-    c = chunk_samples(S, N * K)
-    work_w = x.new_empty((c, N, K)) if need_x else None
-    work_g = x.new_empty((c, N, K)) if need_w else None
-    for lo in range(0, S, c):
-        hi = min(S, lo + c)
-        dy_c = dys[lo:hi]
-        if need_x:
-            w = sample_weights(mu, sig, key, pid, (lo, hi), out=work_w[: hi - lo])
-            if shared:
-                # sum_s dy_s @ W_s as one GEMM over the concatenated (sample, n) axis
-                dy_cat = dy_c.permute(1, 0, 2).reshape(B, (hi - lo) * N)
-                dx_acc += torch.mm(dy_cat, w.view((hi - lo) * N, K)).float()
-            else:
-                torch.matmul(dy_c, w, out=dx[lo:hi])
-        if need_w:
-            gw = torch.matmul(dy_c.transpose(1, 2), xs if shared else xs[lo:hi],
-                              out=work_g[: hi - lo])  # fmt: skip
-            g_mu, g_rho = sample_weights_backward(
-                gw, key, pid, (lo, hi), grad_mu=g_mu, grad_eps=g_rho, need_mu=need_mu,
-                rho=rho if hi == S else None,
-            )  # fmt: skip
-    del work_w, work_g
-    if need_x:
-        dx = dx_acc.to(x.dtype) if shared else dx.view(S * B, K)
-    return dx, g_mu, g_rho if need_rho else None
+    return sampled.linear_backward(
+        dy, x, mu, rho, key, pid, shared, needs, make_sampler=TritonSampler
+    )

@@ -105,15 +105,41 @@ def _variants() -> dict[str, tuple]:
 
 
 VARIANTS = _variants()
-# variants that ptxas currently spills (bugs reported, see the xfail reasons)
+# variants that ptxas currently spills (bugs reported, see the xfail reasons), with the
+# Triton versions where it was seen: (first spilling, last known clean)
 KNOWN_SPILLS = {
     "lrt-noise-bwd-shared": (
         "bug in spar/ops/backends/triton/noise.py _lrt_noise_kernel: with BACKWARD=True, "
         "16-bit var/dy and an fp32 output (the shared-input backward) ptxas sm_90a reports "
-        "8 bytes spill stores (80 registers, a 28-byte local depot from sin/cos range "
-        "reduction); the pre-redesign _lrt_bwd_kernel compiled to 106 registers, no spills"
+        "8 bytes spill stores with triton 3.9 (80 registers, a 28-byte local depot from "
+        "sin/cos range reduction); none with triton 3.6; the pre-redesign _lrt_bwd_kernel "
+        "compiled to 106 registers, no spills",
+        (3, 9),
+        (3, 6),
     ),
 }
+
+
+def _triton_version() -> tuple[int, int]:
+    import importlib.metadata
+
+    try:
+        major, minor = importlib.metadata.version("triton").split(".")[:2]
+        return int(major), int(minor)
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return (0, 0)
+
+
+def _marks(name: str) -> list:
+    """A strict xfail where the spill was seen, none where the variant is known clean, a
+    lenient one for the versions between (not checked)."""
+    if name not in KNOWN_SPILLS:
+        return []
+    reason, spills_from, clean_upto = KNOWN_SPILLS[name]
+    version = _triton_version()
+    if version <= clean_upto:
+        return []
+    return [pytest.mark.xfail(strict=version >= spills_from, reason=reason)]
 
 
 def _main() -> None:
@@ -167,8 +193,7 @@ def compiled() -> dict[str, dict]:
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_SPILLS[n]))
-     if n in KNOWN_SPILLS else n for n in VARIANTS],
+    [pytest.param(n, marks=_marks(n)) for n in VARIANTS],
 )  # fmt: skip
 def test_kernel_compiles_for_sm90_without_spills(compiled, name):
     result = compiled[name]

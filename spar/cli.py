@@ -28,16 +28,6 @@ from spar.train import AUGMENTS, LOSSES, MODES, TrainConfig
 _DEFAULTS = TrainConfig()
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _count(text: str) -> int:
     """A positive integer, exactly (``12345678901234567``), also written as ``5.7e6``."""
     try:
@@ -98,17 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d = _DEFAULTS
     t.add_argument("--config", type=Path, help="TOML file with any of the options below")
-    t.add_argument("--nproc", type=_positive_int, help=f"processes (default {d.nproc})")
+    t.add_argument("--nproc", type=_count, help=f"processes (default {d.nproc})")
     t.add_argument("--mode", choices=MODES, help=f"parallelism (default {d.mode})")
-    t.add_argument("--sample-axis", type=_positive_int, help="sample axis size (hybrid)")
-    t.add_argument("--data-axis", type=_positive_int, help="data axis size (hybrid)")
-    t.add_argument(
-        "--samples", type=_positive_int, help=f"Monte Carlo samples S (default {d.samples})"
-    )
-    t.add_argument(
-        "--batch-size", type=_positive_int, help=f"global batch (default {d.batch_size})"
-    )
-    t.add_argument("--epochs", type=_positive_int, help=f"(default {d.epochs})")
+    t.add_argument("--sample-axis", type=_count, help="sample axis size (hybrid)")
+    t.add_argument("--data-axis", type=_count, help="data axis size (hybrid)")
+    t.add_argument("--samples", type=_count, help=f"Monte Carlo samples S (default {d.samples})")
+    t.add_argument("--batch-size", type=_count, help=f"global batch (default {d.batch_size})")
+    t.add_argument("--epochs", type=_count, help=f"(default {d.epochs})")
     t.add_argument("--lr", type=_float, help=f"Adam learning rate (default {d.lr})")
     t.add_argument("--kl-weight", type=_float, help=f"(default {d.kl_weight})")
     t.add_argument(

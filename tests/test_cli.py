@@ -84,7 +84,7 @@ def test_corrupt_checkpoint_is_a_clear_error_and_stays(tmp_path):
         (("--mode", "pipeline"), "invalid choice: 'pipeline'"),
         (("--samples", "3"), "not divisible by the sample axis"),
         (("--device", "cuda"), "no CUDA GPU"),
-        (("--samples", "0"), "must be >= 1"),
+        (("--samples", "0"), "expected a whole number >= 1"),
         (("--lr", "fast"), "expected a number"),
         (("--mode", "hybrid", "--sample-axis", "2", "--data-axis", "2"), "does not match"),
         (("--resume",), "no checkpoint"),

@@ -169,3 +169,14 @@ def check_device(*tensors: torch.Tensor | None) -> None:
                 f"the triton backend needs CUDA tensors (got a tensor on {t.device}); set "
                 "TRITON_INTERPRET=1 to run the kernels on CPU, or SPAR_BACKEND=torch"
             )
+
+
+def check_sampled(x: torch.Tensor, *params: torch.Tensor | None) -> None:
+    """The inputs a sampled primitive (``sampled_linear``, ``sampled_conv``) accepts on this
+    backend: CUDA tensors, fp32/fp16/bf16 activations, fp32 parameters."""
+    check_device(x, *params)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"the triton backend takes fp32/fp16/bf16 input, got {x.dtype}")
+    for t in params:
+        if t is not None and t.dtype not in PARAM_DTYPES:
+            raise TypeError(f"the triton backend takes fp32 parameters, got {t.dtype}")

@@ -22,25 +22,16 @@ from __future__ import annotations
 from torch import Tensor
 
 from spar.ops.backends.torch import sampled
-from spar.ops.backends.triton._utils import FLOAT_DTYPES, PARAM_DTYPES, check_device
+from spar.ops.backends.triton._utils import check_sampled
 from spar.ops.backends.triton.sample import TritonSampler
 from spar.rng import NoiseKey
-
-
-def _check(x: Tensor, *params: Tensor | None) -> None:
-    check_device(x, *params)
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"the triton backend takes fp32/fp16/bf16 input, got {x.dtype}")
-    for t in params:
-        if t is not None and t.dtype not in PARAM_DTYPES:
-            raise TypeError(f"the triton backend takes fp32 parameters, got {t.dtype}")
 
 
 def sampled_conv_forward(x: Tensor, mu: Tensor | None, rho: Tensor, key: NoiseKey, pid: int,
                          shared: int, groups: int, *geometry: int) -> Tensor:  # fmt: skip
     """x ``(S*B, C, *sp)`` or shared ``(B, C, *sp)`` -> ``(S*B, O, *sp_out)``, contiguous;
     ``geometry``: stride, padding, dilation (``nd`` ints each)."""
-    _check(x, mu, rho)
+    check_sampled(x, mu, rho)
     return sampled.conv_forward(x, mu, rho, key, pid, shared, groups, *geometry,
                                 make_sampler=TritonSampler)  # fmt: skip
 
@@ -50,6 +41,6 @@ def sampled_conv_backward(dy: Tensor, x: Tensor, mu: Tensor | None, rho: Tensor,
                           *rest) -> tuple:  # fmt: skip
     """``rest``: the geometry of :func:`sampled_conv_forward`, then ``needs``; returns
     ``(dx, grad_mu, grad_rho)``."""
-    _check(x, mu, rho)
+    check_sampled(x, mu, rho)
     return sampled.conv_backward(dy.to(x.dtype), x, mu, rho, key, pid, shared, groups, *rest,
                                  make_sampler=TritonSampler)  # fmt: skip

@@ -50,9 +50,8 @@ from torch import Tensor
 from spar import _env
 from spar.ops.backends.torch import sampled
 from spar.ops.backends.triton._utils import (
-    FLOAT_DTYPES,
     as_i32,
-    check_device,
+    check_sampled,
     dot_precision,
     interpret,
     next_pow2,
@@ -529,20 +528,11 @@ def choose_path(rows_per_sample: int) -> str:
     return "fused" if rows_per_sample <= FUSED_MAX_ROWS else "chunked"
 
 
-def _check(x: Tensor, *params: Tensor | None) -> None:
-    check_device(x, *params)
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"the triton backend takes fp32/fp16/bf16 input, got {x.dtype}")
-    for t in params:
-        if t is not None and t.dtype != torch.float32:
-            raise TypeError(f"the triton backend takes fp32 parameters, got {t.dtype}")
-
-
 def sampled_linear_forward(x: Tensor, mu: Tensor | None, rho: Tensor, key: NoiseKey,
                            pid: int, shared: int) -> Tensor:  # fmt: skip
     """The ``sampled_linear`` primitive: x ``(S*B, K)`` or shared ``(B, K)`` -> ``(S*B, N)``
     on the fused or the chunked path (:func:`choose_path`)."""
-    _check(x, mu, rho)
+    check_sampled(x, mu, rho)
     if choose_path(_rows(x, key, shared)) == "fused":
         return fused_forward(x, mu, F.softplus(rho), key, pid, shared)
     return chunked_forward(x, mu, rho, key, pid, shared)

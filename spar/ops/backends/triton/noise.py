@@ -31,7 +31,7 @@ from spar.ops.backends.triton._utils import (
     philox_key,
     to_store,
 )
-from spar.ops.backends.triton.sample import sample_weights
+from spar.ops.backends.triton.sample import keyed_normal
 from spar.ops.library import VAR_FLOOR
 from spar.rng import NoiseKey
 
@@ -154,23 +154,6 @@ def _launch(kernel, t: Tensor, out_dtype: torch.dtype, key: NoiseKey, noise_id: 
             as_i32(key.step), BLOCK_R=br, BLOCK_C=bc, INTERPRET=interpret(), **meta,
         )  # fmt: skip
     return out.view(S * B, *t.shape[1:])
-
-
-def keyed_normal(key: NoiseKey, pid: int, shape: tuple[int, ...], device: torch.device, *,
-                 first_row: int = 0) -> Tensor:  # fmt: skip
-    """fp32 normals ``(S, *shape)`` of ``pid`` for the key's samples, rows shifted by
-    ``first_row`` (per-example noise: the global index of the first example): what
-    ``key.normal(pid, shape, first_row=first_row)`` of :mod:`spar.rng` returns. The
-    sampling kernel with ``sigma = 1`` (``1 * eps`` is exact)."""
-    shape = tuple(int(d) for d in shape)
-    rows = shape[0] if len(shape) > 1 else 1
-    numel = 1
-    for d in shape:
-        numel *= d
-    ones = torch.ones((), dtype=torch.float32, device=device)
-    eps = sample_weights(None, ones.expand(rows, numel // max(rows, 1)), key, pid,
-                         first_row=first_row)  # fmt: skip
-    return eps.view(key.num_samples, *shape)
 
 
 def _sum_if_shared(g: Tensor, S: int, shared: int, dtype: torch.dtype) -> Tensor:

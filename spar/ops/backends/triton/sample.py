@@ -271,6 +271,24 @@ def sample_weights_backward(
 # ---------------------------------------------------------------------------------------
 
 
+def keyed_normal(key: NoiseKey, pid: int, shape: tuple[int, ...], device: torch.device, *,
+                 first_row: int = 0, samples: tuple[int, int] | None = None) -> Tensor:  # fmt: skip
+    """fp32 normals ``(hi - lo, *shape)`` of ``pid`` for local samples ``[lo, hi)`` (default:
+    all of ``key``), rows shifted by ``first_row`` (per-example noise: the global index of
+    the first example): what ``key.normal(pid, shape, first_row=first_row)`` of
+    :mod:`spar.rng` returns. The sampling kernel with ``sigma = 1`` (``1 * eps`` is exact);
+    a vector is one row of the key's 2-D view."""
+    shape = tuple(int(d) for d in shape)
+    rows = shape[0] if len(shape) > 1 else 1
+    numel = 1
+    for d in shape:
+        numel *= d
+    ones = torch.ones((), dtype=torch.float32, device=device)
+    eps = sample_weights(None, ones.expand(rows, numel // max(rows, 1)), key, pid, samples,
+                         first_row=first_row)  # fmt: skip
+    return eps.view(eps.shape[0], *shape)
+
+
 class TritonSampler:
     """Weights and parameter gradients of one sampled-op call from the Triton kernels: the
     sampling kernel writes a chunk of weights into a workspace reused from chunk to chunk,
@@ -299,9 +317,8 @@ class TritonSampler:
         self.g_eps: Tensor | None = None
 
     def _eps(self, lo: int, hi: int) -> Tensor:
-        """fp32 normals ``(hi - lo, R, C)`` (sigma = 1: ``1 * eps`` is exact)."""
-        ones = torch.ones((), dtype=torch.float32, device=self.rho.device).expand(self.rc)
-        return sample_weights(None, ones, self.key, self.pid, (lo, hi))
+        """fp32 normals ``(hi - lo, R, C)``."""
+        return keyed_normal(self.key, self.pid, self.rc, self.rho.device, samples=(lo, hi))
 
     def weights(self, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
         c = hi - lo

@@ -7,6 +7,17 @@ union of the ranks' samples is exactly the sample set of one process running all
 ``seed + rank`` reseeding, hence no approximation in the hybrid or in the mixture loss.
 Gradients are averaged over the whole world by :class:`~spar.distributed.reducer.Reducer`
 (why the world mean is exact for both ELBO reductions is written there).
+
+BatchNorm and Dropout. Each sample is a separate network, so grid invariance (I3) needs the
+sample-wise :class:`spar.nn.BatchNorm2d` (etc.) and :class:`spar.nn.Dropout`, which
+:func:`spar.nn.bayesianize` swaps in; torch's own get a warning at wrap time. A sample-wise
+BatchNorm reduces its per-sample statistics over the data axis (``grid.data_group``, set as
+its ``process_group``: every sample is normalised over its whole global batch, forward and
+backward), and after every training-mode forward its running statistics are averaged over
+the sample axis, so every rank holds the running statistics of one process running all S
+samples (the update is linear in the batch statistics: the mean of the ranks' updates is
+the one-process update). Dropout masks are keyed by global sample and example: no
+communication.
 """
 
 from __future__ import annotations
@@ -24,12 +35,24 @@ from torch import Tensor, nn
 from spar.distributed.collectives import all_gather_samples, broadcast_tensors
 from spar.distributed.grid import Grid, make_grid
 from spar.distributed.reducer import Reducer, StepTimings
-from spar.nn import MonteCarlo, is_bayesian
+from spar.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, Dropout, MonteCarlo, is_bayesian
 
 __all__ = ["AUGMENT_MODES", "SampleParallel", "augment_seed"]
 
 AUGMENT_MODES = ("independent", "shared", "none")
 _MASK64 = (1 << 64) - 1
+_SAMPLE_WISE_NORMS = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
+
+
+def _grid_dependent_modules(model: nn.Module) -> list[str]:
+    """Qualified names of torch's BatchNorm and dropout modules (they make a step depend on
+    the grid: pooled batch statistics, masks from the global generator)."""
+    torch_kinds = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+    return [
+        name or type(m).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, torch_kinds) and not isinstance(m, (*_SAMPLE_WISE_NORMS, Dropout))
+    ]
 
 
 def _splitmix64(x: int) -> int:
@@ -146,6 +169,19 @@ class SampleParallel(nn.Module):
                 UserWarning,
                 stacklevel=2,
             )
+        torch_modules = _grid_dependent_modules(model)
+        if torch_modules:
+            shown = ", ".join(torch_modules[:5]) + (", ..." if len(torch_modules) > 5 else "")
+            warnings.warn(
+                f"SampleParallel wraps a model with torch BatchNorm or Dropout modules "
+                f"({shown}): they pool the statistics of all local samples or draw masks from "
+                "torch's global generator, so training depends on the sample x data grid "
+                "(invariant I3 does not hold). Replace them with the sample-wise "
+                "spar.nn.BatchNorm1d/2d/3d and spar.nn.Dropout: spar.nn.bayesianize(model) "
+                "swaps them in (it keeps their state)",
+                UserWarning,
+                stacklevel=2,
+            )
         self.grid = grid
         self.num_samples = num_samples
         self.local_samples = num_samples // grid.sample
@@ -162,6 +198,13 @@ class SampleParallel(nn.Module):
                 chunk=chunk,
                 fold_input=fold_input,
             )
+        # the sample-wise BatchNorms reduce their statistics over the ranks holding other
+        # rows of the same samples, and average their running statistics over the sample
+        # axis after every training step (see the module docstring)
+        self._norms = [m for m in model.modules() if isinstance(m, _SAMPLE_WISE_NORMS)]
+        if grid.data > 1:
+            for m in self._norms:
+                m.process_group = grid.data_group
         self.reducer: Reducer | None = None
         if grid.world_size > 1:
             # built first: it validates its arguments, and it runs no collective
@@ -228,7 +271,33 @@ class SampleParallel(nn.Module):
         # data rank j holds examples [j * B_local, (j + 1) * B_local) of the global batch
         # (the GridSampler layout): per-example noise is keyed by that global index
         self.module.data_offset = self.grid.data_rank * x.shape[0]
-        return self.module(x, *args, **kwargs)
+        out = self.module(x, *args, **kwargs)
+        if self.training:
+            self._average_running_stats()
+        return out
+
+    @torch.no_grad()
+    def _average_running_stats(self) -> None:
+        """Average the running statistics of the sample-wise BatchNorms in training mode over
+        the sample group (one flat all-reduce per dtype): each rank updated them with its own
+        samples' statistics, and the mean of those updates is the update of all S samples."""
+        if self.grid.sample == 1:
+            return
+        stats = [
+            t for m in self._norms if m.training and m.track_running_stats
+            for t in (m.running_mean, m.running_var)
+        ]  # fmt: skip
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for t in stats:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for group in by_dtype.values():
+            flat = torch.cat([t.reshape(-1) for t in group])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.grid.sample_group)
+            flat.div_(self.grid.sample)
+            offset = 0
+            for t in group:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
 
     @torch.no_grad()
     def predict(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:

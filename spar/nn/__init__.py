@@ -1,6 +1,8 @@
-"""Bayesian layers, priors, the KL term, the model converter and Monte Carlo evaluation."""
+"""Bayesian layers, priors, the KL term, sample-wise BatchNorm and Dropout, the model
+converter and Monte Carlo evaluation."""
 
 from spar.nn.convert import bayesianize
+from spar.nn.dropout import Dropout
 from spar.nn.layers import (
     ESTIMATORS,
     BayesConv1d,
@@ -13,6 +15,7 @@ from spar.nn.layers import (
     kl_divergence,
 )
 from spar.nn.montecarlo import MonteCarlo
+from spar.nn.norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from spar.nn.prior import GaussianPrior, pretrained_prior
 from spar.nn.sampling import SamplingState, current_sampling, sampling
 
@@ -22,7 +25,11 @@ __all__ = [
     "BayesConv2d",
     "BayesConv3d",
     "BayesLinear",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
     "BayesModule",
+    "Dropout",
     "GaussianPrior",
     "MonteCarlo",
     "SamplingState",

@@ -53,33 +53,25 @@ def _check_estimator(estimator: str) -> str:
     return estimator
 
 
-class BayesModule(nn.Module):
-    """Base of spar's Bayesian layers: parameters ``{name}_mu`` / ``{name}_rho`` for each
-    name in ``bayes_names``, priors as buffers, a stable noise name, and the KL term."""
+class NoiseModule:
+    """Mixin of the modules whose randomness comes from the noise key (invariant I1): the
+    Bayesian layers and :class:`spar.nn.Dropout`. It holds the module's noise name, reads
+    the active sampling context, checks the folded layout of the input and builds the
+    call's :class:`~spar.rng.NoiseKey`. Subclasses define :meth:`_compute_ids` (the noise
+    ids their draws use, hashed from the name)."""
 
-    bayes_names: tuple[str, ...] = ()
-
-    def _init_bayes(self, prior, init_sigma: float, estimator: str) -> None:
-        self.init_sigma = _check_init_sigma(init_sigma)
-        self._estimator = _check_estimator(estimator)
+    def _init_noise(self) -> None:
         # set from the qualified name by MonteCarlo / bayesianize / SampleParallel; until
-        # then a fixed name, so the noise never depends on what was built before the layer
+        # then a fixed name, so the noise never depends on what was built before the module
         self._named = False
         self._noise_name = ""
         self._id_kw = self._compute_ids()
         # the step outside any sampling context: a CPU tensor (not a buffer, not in
-        # state_dict), so that a compiled layer reads it as data
+        # state_dict), so that a compiled module reads it as data
         self._calls = torch.zeros((), dtype=torch.int64)
-        self._set_priors(prior)
 
-    @property
-    def estimator(self) -> str:
-        return self._estimator
-
-    @estimator.setter
-    def estimator(self, value: str) -> None:
-        self._estimator = _check_estimator(value)
-        self._id_kw = self._compute_ids()
+    def _compute_ids(self) -> dict:
+        raise NotImplementedError
 
     @property
     def noise_name(self) -> str:
@@ -94,6 +86,101 @@ class BayesModule(nn.Module):
             raise TypeError(f"noise_name must be a str, got {type(value).__name__}")
         self._noise_name = value
         self._named = True
+        self._id_kw = self._compute_ids()
+
+    def _ids(self) -> dict:
+        """The parameter ids of this module's noise, computed when the name (or a Bayesian
+        layer's estimator) is set (hashing strings is not traceable by torch.compile)."""
+        return self._id_kw
+
+    def _state(self) -> SamplingState:
+        state = current_sampling()
+        if state is None:
+            state = SamplingState(1, 0, self._calls)  # the ops take the step modulo 2**32
+            # a new tensor, not an in-place add: inductor (torch 2.13) may recompute the
+            # state's copy of the step from this tensor for backward, after the add
+            self._calls = self._calls + 1
+        return state
+
+    def _key(self, x: Tensor) -> tuple[rng.NoiseKey, bool]:
+        """The noise key of this call and whether ``x`` is a shared (un-expanded) input."""
+        state = self._state()
+        if not self._named and not torch.compiler.is_compiling():
+            self._claim_unnamed(state)
+        shared = _shared_input(x, state, type(self).__name__)
+        if state.batch_size is not None and not state.folded and not torch.compiler.is_compiling():
+            state.folded.append(True)
+        key = rng.NoiseKey(
+            state.seed,
+            state.step_tensor,
+            state.first_sample,
+            state.num_samples,
+            state.data_offset,
+        )
+        return key, shared
+
+    def _claim_unnamed(self, state: SamplingState) -> None:
+        unnamed = state.unnamed
+        unnamed.add(id(self))
+        if len(unnamed) > 1:
+            raise ValueError(
+                f"two different unnamed Bayesian layers (or spar.nn.Dropout modules) ran in "
+                f"one sampling context (this one: {type(self).__name__}); they would draw the "
+                "same noise. Name them after their place in the model: wrap it in "
+                "spar.nn.MonteCarlo, convert it with spar.nn.bayesianize, or call "
+                "spar.nn.assign_noise_names(model) once (or set each module's noise_name)"
+            )
+
+
+def _shared_input(x: Tensor, state: SamplingState | None, who: str) -> bool:
+    """Whether ``x`` is the shared ``(B, ...)`` batch of all samples of ``state`` (True)
+    or the folded ``(S*B, ...)`` one (False); raises a ``ValueError`` for any other
+    leading dimension. Outside a sampling context (``state=None``) every input is one
+    sample's batch (False)."""
+    if state is None:
+        return False
+    S, B = state.num_samples, state.batch_size
+    rows = x.shape[0] if x.dim() else None
+    shared = S > 1 and B is not None and rows == B
+    # before any noise module has folded the batch, an input that is not the B shared
+    # rows means the model changed the batch axis (e.g. a reshape): treating it as folded
+    # would give S identical samples, silently
+    unfolded = B is not None and not state.folded and not torch.compiler.is_compiling()
+    if not shared and (rows is None or rows % S != 0 or (unfolded and rows != B)):
+        msg = (
+            f"{who}: input's leading dimension ({'scalar' if rows is None else rows}) must "
+            f"be divisible by num_samples={S}: inside a sampling context layers take the "
+            "folded (S*B, ...) batch"
+        )
+        if B is not None:
+            msg += (
+                f", or the B={B} rows of the input shared by all samples; if the model "
+                "changes the batch axis before this layer, use "
+                "MonteCarlo(..., fold_input=True)"
+            )
+        raise ValueError(msg)
+    return shared
+
+
+class BayesModule(NoiseModule, nn.Module):
+    """Base of spar's Bayesian layers: parameters ``{name}_mu`` / ``{name}_rho`` for each
+    name in ``bayes_names``, priors as buffers, a stable noise name, and the KL term."""
+
+    bayes_names: tuple[str, ...] = ()
+
+    def _init_bayes(self, prior, init_sigma: float, estimator: str) -> None:
+        self.init_sigma = _check_init_sigma(init_sigma)
+        self._estimator = _check_estimator(estimator)
+        self._init_noise()
+        self._set_priors(prior)
+
+    @property
+    def estimator(self) -> str:
+        return self._estimator
+
+    @estimator.setter
+    def estimator(self, value: str) -> None:
+        self._estimator = _check_estimator(value)
         self._id_kw = self._compute_ids()
 
     def _set_priors(self, prior) -> None:
@@ -144,15 +231,6 @@ class BayesModule(nn.Module):
         for name in self.bayes_names:
             nn.init.constant_(getattr(self, f"{name}_rho"), rho)
 
-    def _state(self) -> SamplingState:
-        state = current_sampling()
-        if state is None:
-            state = SamplingState(1, 0, self._calls)  # the ops take the step modulo 2**32
-            # a new tensor, not an in-place add: inductor (torch 2.13) may recompute the
-            # state's copy of the step from this tensor for backward, after the add
-            self._calls = self._calls + 1
-        return state
-
     def _compute_ids(self) -> dict:
         n = self.noise_name
         return dict(
@@ -160,58 +238,6 @@ class BayesModule(nn.Module):
             bias_id=rng.param_id(f"{n}.bias"),
             noise_ids=(rng.param_id(f"{n}#{self.estimator}.in"), rng.param_id(f"{n}#out")),
         )
-
-    def _ids(self) -> dict:
-        """The parameter ids of this layer's noise, computed when the name or the estimator
-        is set (hashing strings is not traceable by torch.compile)."""
-        return self._id_kw
-
-    def _key(self, x: Tensor) -> tuple[rng.NoiseKey, bool]:
-        """The noise key of this call and whether ``x`` is a shared (un-expanded) input."""
-        state = self._state()
-        if not self._named and not torch.compiler.is_compiling():
-            self._claim_unnamed(state)
-        S, B = state.num_samples, state.batch_size
-        rows = x.shape[0] if x.dim() else None
-        shared = S > 1 and B is not None and rows == B
-        # before any Bayesian layer has folded the batch, an input that is not the B shared
-        # rows means the model changed the batch axis (e.g. a reshape): treating it as folded
-        # would give S identical samples, silently
-        unfolded = B is not None and not state.folded and not torch.compiler.is_compiling()
-        if not shared and (rows is None or rows % S != 0 or (unfolded and rows != B)):
-            msg = (
-                f"input's leading dimension ({'scalar' if rows is None else rows}) must be "
-                f"divisible by num_samples={S}: Bayesian layers take the folded (S*B, ...) batch"
-            )
-            if B is not None:
-                msg += (
-                    f", or the B={B} rows of the input shared by all samples; if the model "
-                    "changes the batch axis before this layer, use "
-                    "MonteCarlo(..., fold_input=True)"
-                )
-            raise ValueError(msg)
-        if B is not None and not state.folded and not torch.compiler.is_compiling():
-            state.folded.append(True)
-        key = rng.NoiseKey(
-            state.seed,
-            state.step_tensor,
-            state.first_sample,
-            state.num_samples,
-            state.data_offset,
-        )
-        return key, shared
-
-    def _claim_unnamed(self, state: SamplingState) -> None:
-        unnamed = state.unnamed
-        unnamed.add(id(self))
-        if len(unnamed) > 1:
-            raise ValueError(
-                f"two different unnamed Bayesian layers ran in one sampling context (this one: "
-                f"{type(self).__name__}); they would draw the same noise. Name them after "
-                "their place in the model: wrap it in spar.nn.MonteCarlo, convert it with "
-                "spar.nn.bayesianize, or call spar.nn.assign_noise_names(model) once (or set "
-                "each layer's noise_name)"
-            )
 
     def _bias(self) -> tuple[Tensor | None, Tensor | None]:
         if "bias" in self.bayes_names:
@@ -422,9 +448,10 @@ def kl_divergence(model: nn.Module) -> Tensor:
 
 
 def assign_noise_names(model: nn.Module, prefix: str = "") -> None:
-    """Name every Bayesian layer's noise stream after its qualified name (``prefix`` + the
-    name in ``model``; a bare layer gets ``prefix``), so the noise key's ``param_id`` is
-    stable across processes and runs and distinct layers draw independent noise."""
+    """Name the noise stream of every noise module (Bayesian layer, :class:`spar.nn.Dropout`)
+    after its qualified name (``prefix`` + the name in ``model``; a bare layer gets
+    ``prefix``), so the noise key's ``param_id`` is stable across processes and runs and
+    distinct modules draw independent noise."""
     for name, m in model.named_modules(prefix=prefix):
-        if isinstance(m, BayesModule):
+        if isinstance(m, NoiseModule):
             m.noise_name = name

@@ -7,7 +7,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from spar.nn.layers import BayesModule, _check_estimator, assign_noise_names, is_bayesian
+from spar.nn.layers import BayesModule, NoiseModule, _check_estimator, assign_noise_names
+from spar.nn.norm import SAMPLE_BATCH_NORMS
 from spar.nn.sampling import sampling
 from spar.rng import check_seed
 
@@ -38,6 +39,51 @@ def _add_hint(err: Exception, hint: str) -> None:
         err.args = (f"{err.args[0] if err.args else ''}\n{hint}", *err.args[1:])
 
 
+class _ChunkedRunningStats:
+    """One running-statistics update per step for the sample-wise BatchNorms of a model run
+    in chunks of samples: every chunk starts from the statistics before the step, and the
+    step ends with the mean of the chunks' results weighted by their share of the samples.
+    The update is linear in the batch statistics, so this is the one-pass update exactly
+    (the counters of tracked batches advance once in all)."""
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _ChunkedRunningStats | None:
+        """The tracker of ``model``'s sample-wise BatchNorms that update running statistics
+        now, or ``None`` when there are none."""
+        norms = [
+            m for m in model.modules()
+            if isinstance(m, SAMPLE_BATCH_NORMS) and m.training and m.track_running_stats
+        ]  # fmt: skip
+        return cls(norms) if norms else None
+
+    def __init__(self, norms: list[nn.Module]) -> None:
+        self.norms = norms
+        self.before = [
+            (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+            for m in self.norms
+        ]
+        self.sums = [(torch.zeros_like(rm), torch.zeros_like(rv)) for rm, rv, _ in self.before]
+
+    def chunk_done(self, weight: float) -> None:
+        """Add the chunk's statistics with ``weight`` (its share of the samples); restore."""
+        with torch.no_grad():
+            for m, before, (sm, sv) in zip(self.norms, self.before, self.sums, strict=True):
+                rm, rv, count = before
+                sm.add_(m.running_mean, alpha=weight)
+                sv.add_(m.running_var, alpha=weight)
+                m.running_mean.copy_(rm)
+                m.running_var.copy_(rv)
+                m.num_batches_tracked.copy_(count)
+
+    def finish(self) -> None:
+        """Set the statistics to the weighted sum of the chunks'; advance the counters."""
+        with torch.no_grad():
+            for m, (_, _, count), (sm, sv) in zip(self.norms, self.before, self.sums, strict=True):
+                m.running_mean.copy_(sm)
+                m.running_var.copy_(sv)
+                m.num_batches_tracked.copy_(count + 1)
+
+
 class MonteCarlo(nn.Module):
     """Evaluate ``model`` on ``num_samples`` posterior samples in one pass.
 
@@ -56,9 +102,12 @@ class MonteCarlo(nn.Module):
     activations the rest of the model sees. Deterministic layers in front of the first
     Bayesian layer (a stem: flatten, conv, normalisation) run once on B rows. A model
     output of B rows (no Bayesian layer on its path) is expanded to ``(S, B, ...)``. The
-    result equals the folded copy's within fp32 rounding, with these differences: stochastic
-    layers of the stem (dropout) draw one mask for all samples, and a BatchNorm of the stem
-    updates its running variance with the unbiased factor of B rows instead of S*B.
+    result equals the folded copy's within fp32 rounding, with these differences for torch's
+    own modules in the stem: ``nn.Dropout`` draws one mask for all samples, and
+    ``nn.BatchNorm`` updates its running variance with the unbiased factor of B rows instead
+    of S*B. :class:`spar.nn.Dropout` and the sample-wise :class:`spar.nn.BatchNorm2d` (etc.)
+    give the same result either way: a sample-wise Dropout expands the shared input to the
+    folded batch, one mask per sample.
 
     fold_input: ``True`` gives every layer the folded ``(S*B, ...)`` copy of ``x`` (the
         behaviour before shared input). Needed when the model mixes a tensor computed
@@ -74,19 +123,22 @@ class MonteCarlo(nn.Module):
         time: activations stay in cache on memory-bound CNNs (max-pool, relu and copies
         over the whole ``S*B`` batch otherwise stream through memory). The outputs and
         gradients equal the one-pass ones within fp32 rounding, unless the model mixes
-        samples across the batch (BatchNorm in training mode after the first Bayesian layer
-        then sees per-chunk statistics, and every chunk updates the running stats: a
-        warning says so). The layers in front of the first Bayesian layer run once per
-        chunk. ``"auto"``: the first call for an input shape runs sample 0 alone and
-        counts the elements of every module's output (distinct tensors); ``c`` is the
-        largest chunk whose outputs fit :data:`AUTO_CHUNK_ELEMENTS` (``2**23``, 32 MiB of
-        fp32, a last-level cache), at least 1 and at most S, and is kept for that shape
-        (:meth:`chunk_size`). Tuned on a CIFAR-shaped CNN (two 3x3 convs with max-pool, B=32,
-        S=8, ELBO forward + backward on 2 CPU cores with a 32 MiB L3: ``c=2``, about 1.3x
-        faster than one pass); an MLP gets ``c=S`` (chunking costs a little there).
+        samples across the batch (torch's ``nn.BatchNorm`` in training mode after the first
+        Bayesian layer then sees per-chunk statistics, and every chunk updates the running
+        stats: a warning says so). The sample-wise :class:`spar.nn.BatchNorm2d` (etc.) is
+        exact: its statistics are per sample anyway, and the running statistics get one
+        update per step, the sample-weighted mean of the chunks' updates. The layers in
+        front of the first Bayesian layer run once per chunk. ``"auto"``: the first call
+        for an input shape runs sample 0 alone and counts the elements of every module's
+        output (distinct tensors); ``c`` is the largest chunk whose outputs fit
+        :data:`AUTO_CHUNK_ELEMENTS` (``2**23``, 32 MiB of fp32, a last-level cache), at
+        least 1 and at most S, and is kept for that shape (:meth:`chunk_size`). Tuned on a
+        CIFAR-shaped CNN (two 3x3 convs with max-pool, B=32, S=8, ELBO forward + backward on
+        2 CPU cores with a 32 MiB L3: ``c=2``, about 1.3x faster than one pass); an MLP gets
+        ``c=S`` (chunking costs a little there).
         Under ``torch.compile`` ``"auto"`` uses the chunk an eager call measured for the
-        shape, else one pass. Default ``None``: chunking changes BatchNorm statistics and
-        is a CPU cache optimisation, so it is opt-in.
+        shape, else one pass. Default ``None``: chunking changes torch BatchNorm statistics
+        and is a CPU cache optimisation, so it is opt-in.
     estimator: ``None`` leaves every Bayesian layer's estimator as it is; ``"reparam"``,
         ``"lrt"`` or ``"flipout"`` sets it on all of them (their noise names are kept).
     first_sample: global index of local sample 0 (sampling parallelism splits S this way).
@@ -135,19 +187,21 @@ class MonteCarlo(nn.Module):
             for m in model.modules():
                 if isinstance(m, BayesModule):
                     m.estimator = estimator
-        if not any(is_bayesian(m) for m in model.modules()):
+        if not any(isinstance(m, NoiseModule) for m in model.modules()):
             warnings.warn(
-                "MonteCarlo wraps a model without Bayesian layers: all samples are identical "
-                "(use spar.nn.bayesianize or spar.nn.Bayes* layers)",
+                "MonteCarlo wraps a model without Bayesian layers (or spar.nn.Dropout): all "
+                "samples are identical (use spar.nn.bayesianize or spar.nn.Bayes* layers)",
                 stacklevel=2,
             )
         if chunk is not None and any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, SAMPLE_BATCH_NORMS)
+            for m in model.modules()
         ):
             warnings.warn(
-                "MonteCarlo(chunk=...) with BatchNorm: in training mode a BatchNorm after the "
-                "first Bayesian layer normalises each chunk of samples by its own statistics, "
-                "and every chunk updates the running statistics",
+                "MonteCarlo(chunk=...) with torch's BatchNorm: in training mode a BatchNorm "
+                "after the first Bayesian layer normalises each chunk of samples by its own "
+                "statistics, and every chunk updates the running statistics (the sample-wise "
+                "spar.nn.BatchNorm1d/2d/3d, which spar.nn.bayesianize swaps in, are exact)",
                 UserWarning,
                 stacklevel=2,
             )
@@ -202,16 +256,22 @@ class MonteCarlo(nn.Module):
             raise TypeError("MonteCarlo expects a batched tensor input (B, ...)")
         S = self.num_samples
         c = self.chunk_size(x)
+        if c is None and torch.compiler.is_compiling():
+            c = S
+        stats = None if c == S else _ChunkedRunningStats.of(self.model)
         outs, start = [], 0
         if c is None:  # chunk="auto", first call for this shape
-            if torch.compiler.is_compiling():
-                c = S
-            else:
-                out, c = self._measure_chunk(x, args, kwargs)
-                outs, start = [out], 1
+            out, c = self._measure_chunk(x, args, kwargs)
+            outs, start = [out], 1
+            if stats is not None:
+                stats.chunk_done(1 / S)
         for lo in range(start, S, c):
             n = min(c, S - lo)
             outs.append(self._run(x, n, self.first_sample + lo, args, kwargs))
+            if stats is not None:
+                stats.chunk_done(n / S)
+        if stats is not None:
+            stats.finish()
         if self.training:
             # a new tensor, not an in-place add: inductor (torch 2.13) may recompute the
             # sampling state's copy of the step from the buffer for backward, after the add

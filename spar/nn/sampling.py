@@ -55,12 +55,13 @@ class SamplingState:
     data_offset: int = 0
     batch_size: int | None = None
     step_tensor: Tensor = field(init=False, repr=False, compare=False)
-    # ids of the unnamed Bayesian layers that ran in this context (eager mode only): two
-    # different ones would draw the same noise, see BayesModule.noise_name
+    # ids of the unnamed noise modules (Bayesian layers, spar.nn.Dropout) that ran in this
+    # context (eager mode only): two different ones would draw the same noise, see
+    # NoiseModule.noise_name in spar.nn.layers
     unnamed: set = field(init=False, repr=False, compare=False)
-    # set once a Bayesian layer has returned folded (S*B, ...) activations in this context
+    # set once a noise module has returned folded (S*B, ...) activations in this context
     # (eager mode only): before that, with ``batch_size`` set, an input must be the B shared
-    # rows (see BayesModule._key)
+    # rows (see NoiseModule._key)
     folded: list = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -317,6 +317,34 @@ def test_bad_input_errors():
         BayesLinear(3, 2).sigma("gamma")
 
 
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_integer_input_raises_type_error(estimator):
+    """torch's dtype rule for nn.Linear / nn.Conv: a non-floating input is refused (a cast
+    of the sampled weights to int64 would give all-zero outputs), in every estimator, folded
+    or shared, and under MonteCarlo; a float input of another dtype than the parameters
+    too (fp16/bf16 into fp32 is the one mixed case allowed)."""
+    layers = (
+        (BayesLinear(4, 3, estimator=estimator), (6, 4)),
+        (BayesConv1d(2, 3, 3, estimator=estimator), (6, 2, 5)),
+        (BayesConv2d(2, 3, 3, estimator=estimator), (6, 2, 5, 5)),
+        (BayesConv3d(2, 3, 3, estimator=estimator), (6, 2, 4, 4, 4)),
+    )
+    for layer, shape in layers:
+        spar.nn.assign_noise_names(layer)
+        name = type(layer).__name__
+        for dtype in (torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64):
+            x = torch.ones(shape, dtype=dtype)
+            with pytest.raises(TypeError, match=f"floating-point.*{dtype}.*x.float()"):
+                layer(x)
+            with pytest.raises(TypeError, match="floating-point"), spar.sampling(3, seed=0, step=0):
+                layer(x)  # folded: S=3, B=2
+            with pytest.raises(TypeError, match="floating-point"):
+                spar.nn.MonteCarlo(layer, 3)(x)  # shared input
+            assert layer.weight_mu.dtype == torch.float32, name
+        with pytest.raises(TypeError, match="float64 but the layer's parameters are"):
+            layer(torch.ones(shape, dtype=torch.float64))
+
+
 def test_sigma_is_stable_for_extreme_rho():
     layer = BayesLinear(2, 2)
     with torch.no_grad():

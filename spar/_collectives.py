@@ -9,8 +9,9 @@ those samples live on different ranks. :mod:`spar.losses` must not import
 :mod:`spar.distributed` (losses and metrics are pure tensor math that any training loop
 may use; ``spar.distributed`` holds the grid, the reducer and ``SampleParallel``, which
 depend on the Bayesian layers). So the differentiable all-gather lives here, in a leaf
-module that depends on ``torch.distributed`` only: :mod:`spar.losses` and
-:mod:`spar.distributed` both import it, and the dependency arrows point one way.
+module that depends on ``torch.distributed`` only: :mod:`spar.losses`,
+:mod:`spar.distributed` and the sample-wise BatchNorm of :mod:`spar.nn.norm` (its
+per-sample sums over the data axis) import it, and the dependency arrows point one way.
 :mod:`spar.distributed` re-exports :func:`all_gather_samples` and :func:`all_reduce_sum`,
 which stay public there; this module is private.
 

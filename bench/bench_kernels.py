@@ -8,6 +8,8 @@ Times forward, backward and the full step of ``y[s] = x[s] @ W_s^T + b_s`` with
 ``spar_chunked``    the same, chunked path: the sampling kernel into a bounded workspace +
                     cuBLAS bmm (CUDA only)
 ``spar_torch``      the same on the torch backend (chunked, memory-lean autograd; any device)
+``spar_cuda``       the same on the cuda backend (CUDA C++ sampling kernels compiled by
+                    NVRTC + cuBLAS per chunk; CUDA and CuPy only, ``spar[cuda12]``/``[cuda13]``)
 ``bmm``             torch bmm on pre-sampled weights (no noise at all): the baseline, the
                     ``ratio_to_bmm`` column divides by its time in the same run
 ``torch_ref``       materialize ``W_s`` (``torch.randn`` noise) and matmul: spar.ops.reference
@@ -26,8 +28,8 @@ variables (``SPAR_CHUNK_NUMEL``) are left as the caller set them.
 channels, square image size, square kernel; padding ``k // 2``, stride 1), with the
 providers ``spar_triton`` (``bayes_conv`` under ``SPAR_BACKEND=triton``: the Triton
 ``sampled_conv`` kernel where the backend implements it, else the torch backend's; the
-``spar_backend`` column says which ran), ``spar_torch``, ``grouped`` (the floor: weights
-sampled once outside the timing, the S samples folded into the groups of one
+``spar_backend`` column says which ran), ``spar_torch``, ``spar_cuda``, ``grouped`` (the
+floor: weights sampled once outside the timing, the S samples folded into the groups of one
 ``F.conv2d``, the conv analogue of ``bmm``; ``ratio_to_bmm`` divides by it for conv rows),
 ``torch_ref`` (``reference.conv_reparam``: a loop over samples on materialized weights)
 and ``bayesian_torch`` (``Conv2dReparameterization``, one call per sample). Rows carry an
@@ -88,14 +90,14 @@ from spar.rng import NoiseKey, param_id  # noqa: E402
 from spar.telemetry import Telemetry  # noqa: E402
 
 PROVIDERS = (
-    "spar_fused", "spar_chunked", "spar_triton", "spar_torch", "bmm", "grouped", "torch_ref",
-    "torch_blue", "bayesian_torch",
+    "spar_fused", "spar_chunked", "spar_triton", "spar_torch", "spar_cuda", "bmm", "grouped",
+    "torch_ref", "torch_blue", "bayesian_torch",
 )  # fmt: skip
 # the providers of each op (the defaults) and its floor, the denominator of ratio_to_bmm
 OP_PROVIDERS = {
-    "linear": ("spar_fused", "spar_chunked", "spar_torch", "bmm", "torch_ref", "torch_blue",
-               "bayesian_torch"),
-    "conv": ("spar_triton", "spar_torch", "grouped", "torch_ref", "bayesian_torch"),
+    "linear": ("spar_fused", "spar_chunked", "spar_torch", "spar_cuda", "bmm", "torch_ref",
+               "torch_blue", "bayesian_torch"),
+    "conv": ("spar_triton", "spar_torch", "spar_cuda", "grouped", "torch_ref", "bayesian_torch"),
 }  # fmt: skip
 FLOOR = {"linear": "bmm", "conv": "grouped"}
 # the environment each spar provider runs under (None: unset, spar's default)
@@ -104,6 +106,7 @@ SPAR_ENV: dict[str, dict[str, str | None]] = {
     "spar_chunked": {"SPAR_BACKEND": "triton", "SPAR_LINEAR_PATH": "chunked"},
     "spar_triton": {"SPAR_BACKEND": "triton", "SPAR_LINEAR_PATH": None},
     "spar_torch": {"SPAR_BACKEND": "torch", "SPAR_LINEAR_PATH": None},
+    "spar_cuda": {"SPAR_BACKEND": "cuda", "SPAR_LINEAR_PATH": None},
 }
 PEERS = {"triton": "triton", "torch_blue": "torch-blue", "bayesian_torch": "bayesian-torch"}
 MODES = ("fwd", "bwd", "full")
@@ -184,6 +187,8 @@ def _spar(cfg: Config, provider: str) -> Case:
     env = SPAR_ENV[provider]
     if env["SPAR_BACKEND"] == "triton" and cfg.device.type != "cuda":
         raise Skip("needs CUDA (the Triton interpreter is a correctness tool, not a benchmark)")
+    if env["SPAR_BACKEND"] == "cuda" and cfg.device.type != "cuda":
+        raise Skip("needs CUDA (the cuda backend's kernels run on a GPU only)")
     primitive = "sampled_linear" if cfg.op == "linear" else "sampled_conv"
     with common.environ(env):
         try:

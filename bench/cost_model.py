@@ -1798,6 +1798,177 @@ even free noise stays about 1.2x.
 
 
 # =======================================================================================
+# the cuda backend's kernels (csrc/spar_cuda.cu)
+# =======================================================================================
+
+CUDA_CSV = RESULTS / "cuda_kernels.csv"
+CUDA_MD = RESULTS / "cuda_kernels.md"
+# bytes per output element of the sampling kernel: the element written, plus mu and sigma
+# (8 B) read once per thread for its ``spt`` samples (spt = 16: a large weight, S >= 16)
+CUDA_SAMPLE_SPT = 16
+CUDA_OUT_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
+
+
+def _sass_labelled(raw: str) -> str:
+    """One function's ``cuobjdump -sass`` text with ``LBB<n>:`` labels at branch targets
+    and ``BRA LBB<n>``, the form :func:`segments_sass` reads (what Triton's ``get_sass``
+    gives its own cubins; its parser expects one ``.headerflags`` line, and cubins of nvcc
+    13's ptxas carry two)."""
+    ins = re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*;)", raw)
+    targets = sorted({int(t, 16) for _, a in ins for t in re.findall(r"BRA[^;]*?0x([0-9a-f]+)", a)})
+    label = {t: f"LBB{i}" for i, t in enumerate(targets)}
+    out = []
+    for addr, asm in ins:
+        if int(addr, 16) in label:
+            out.append(f"{label[int(addr, 16)]}:")
+        asm = re.sub(r"(BRA[^;]*?)0x([0-9a-f]+)", lambda m: m.group(1) + label[int(m.group(2), 16)],
+                     asm)  # fmt: skip
+        # a leading token that parse_sass skips: without it, its optional address group
+        # would take an all-hex-letter opcode (FADD) for an address
+        out.append("Y: " + asm)
+    return "\n".join(out) + "\n"
+
+
+def compile_cuda(arch: int) -> dict[str, dict]:
+    """``{kernel: {regs, spill_bytes, sass}}`` of every kernel of the cuda backend for
+    ``sm_<arch>``: the translation unit NVRTC gets (``source.assemble()``, with its options)
+    compiled to PTX by nvcc, then nvcc's ptxas ``-v`` (registers, spills), and the SASS
+    disassembled by the cuobjdump used for the Triton kernels above."""
+    import shutil
+
+    from spar.ops.backends.cuda import source
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise FileNotFoundError("nvcc is not on PATH")
+    ptxas = shutil.which("ptxas", path=os.path.dirname(os.path.realpath(nvcc))) or "ptxas"
+    with tempfile.TemporaryDirectory() as d:
+        unit, ptx, cubin = (os.path.join(d, n) for n in ("unit.cu", "k.ptx", "k.cubin"))
+        Path(unit).write_text(source.assemble())
+        subprocess.run([nvcc, "-ptx", f"-arch=sm_{arch}", *source.NVRTC_OPTIONS, unit, "-o", ptx],
+                       capture_output=True, text=True, check=True)  # fmt: skip
+        log = subprocess.run([ptxas, f"-arch=sm_{arch}", "-v", ptx, "-o", cubin],
+                             capture_output=True, text=True, check=True).stderr  # fmt: skip
+        sass = subprocess.run([_cuobjdump(), "-sass", cubin], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+    # one disassembly, split per function
+    parts = re.split(r"^\s*Function : (\w+)\s*$", sass, flags=re.M)
+    bodies = dict(zip(parts[1::2], parts[2::2], strict=True))
+    out = {}
+    # ptxas -v: "Compiling entry function 'name'" then its spill and register lines
+    for m in re.finditer(r"entry function '(\w+)'(.*?)(?=entry function|\Z)", log, re.S):
+        name, info = m.groups()
+        regs = re.search(r"Used (\d+) registers", info)
+        spills = re.search(r"(\d+) bytes spill stores", info)
+        out[name] = {
+            "regs": int(regs.group(1)) if regs else -1,
+            "spill_bytes": int(spills.group(1)) if spills else 0,
+            "sass": _sass_labelled(bodies[name]),
+        }
+    return out
+
+
+def cuda_rows(arch: int, compiled: dict[str, dict]) -> list[dict]:
+    """One row per kernel of :func:`compile_cuda`'s result: registers, spills and the SASS
+    instructions per element of its per-element segment (the loop over samples of the
+    sampling kernels, else the whole thread: a thread handles 4 elements, one Philox call,
+    per execution)."""
+    rows = []
+    for name, c in sorted(compiled.items()):
+        segs = segments_sass(c["sass"], 1)
+        seg = "loop1" if "loop1" in segs else "outer"
+        cnt = segs.get(seg, dict.fromkeys(CLASSES, 0) | {"total": 0})
+        row = {"arch": f"sm_{arch}", "kernel": name, "regs": c["regs"],
+               "spill_bytes": c["spill_bytes"], "segment": seg}  # fmt: skip
+        row.update({f"{k}_per_elem": cnt[k] / 4 for k in [*CLASSES, "total"]})
+        row["integer_per_elem"] = sum(cnt[k] for k in INTEGER) / 4
+        rows.append(row)
+    return rows
+
+
+def cuda_counts(archs: list[int], log=print) -> list[dict]:
+    """:func:`cuda_rows` for each of ``archs``."""
+    rows = []
+    for arch in archs:
+        for row in cuda_rows(arch, compile_cuda(arch)):
+            rows.append(row)
+            log(f"{row['arch']} {row['kernel']}: regs {row['regs']} spills {row['spill_bytes']} B, "
+                f"{row['total_per_elem']:.1f} instructions per element")  # fmt: skip
+    return rows
+
+
+def cuda_sampling_prediction(row: dict, hw: Hardware, dtype: str) -> dict:
+    """PREDICTED throughput of a sampling kernel from its SASS per element and its bytes
+    per element: the slowest SIMT pipe (issue included) against HBM."""
+    n = 1e9  # elements
+    counts = {k: float(row[f"{k}_per_elem"]) * n / 32 for k in CLASSES}  # warp instructions
+    t = pipe_time(counts, 0.0, hw)
+    bytes_per = CUDA_OUT_BYTES[dtype] + 8 / CUDA_SAMPLE_SPT
+    t["hbm"] = n * bytes_per / (hw.hbm_tbs * 1e12 * HBM_EFF)
+    bound = max(t, key=t.get)
+    return {
+        "device": hw.name, "kernel": row["kernel"], "bytes_per_elem": bytes_per,
+        "instr_per_elem": float(row["total_per_elem"]), "bound": bound,
+        "gelem_per_s": n / t[bound] / 1e9, "gb_per_s": n * bytes_per / t[bound] / 1e9,
+        "hbm_peak_gb_per_s": hw.hbm_tbs * 1e3,
+        "fraction_of_hbm_peak": n * bytes_per / t[bound] / (hw.hbm_tbs * 1e12),
+    }  # fmt: skip
+
+
+def cuda_report(rows: list[dict]) -> str:
+    """``cuda_kernels.md``: the counts per kernel and arch, and the predicted GB/s."""
+    from spar.ops.backends.cuda.source import NVRTC_OPTIONS
+
+    cols = [("arch", "arch", ""), ("kernel", "kernel", ""), ("regs", "regs", ""),
+            ("spill B", "spill_bytes", ""), ("segment", "segment", ""),
+            ("SASS / elem", "total_per_elem", ".2f"), ("int", "integer_per_elem", ".2f"),
+            ("fp32", "fp32_per_elem", ".2f"), ("mufu", "mufu_per_elem", ".2f"),
+            ("gmem ld", "gmem_ld_per_elem", ".2f"), ("gmem st", "gmem_st_per_elem", ".2f"),
+            ("local", "local_per_elem", ".2f")]  # fmt: skip
+    by = {(r["arch"], r["kernel"]): r for r in rows}
+    preds = [
+        cuda_sampling_prediction(by[("sm_90", f"spar_sample_{dt}")], HARDWARE[hw], dt)
+        for hw in ("H200-SXM", "H100-SXM") for dt in ("f32", "bf16")
+        if ("sm_90", f"spar_sample_{dt}") in by
+    ]  # fmt: skip
+    pcols = [("device", "device", ""), ("kernel", "kernel", ""),
+             ("B / elem", "bytes_per_elem", ".2f"), ("SASS / elem", "instr_per_elem", ".1f"),
+             ("bound", "bound", ""),
+             ("G elem/s", "gelem_per_s", ".0f"), ("GB/s", "gb_per_s", ".0f"),
+             ("HBM peak GB/s", "hbm_peak_gb_per_s", ".0f"),
+             ("of peak", "fraction_of_hbm_peak", ".2f")]  # fmt: skip
+    return "\n".join(
+        [
+            "# The cuda backend's kernels: registers, instructions, predicted throughput",
+            "",
+            "Written by `python bench/cost_model.py --cuda` (no GPU needed). Each kernel of",
+            "`csrc/spar_cuda.cu` is compiled as users get it (the one translation unit of",
+            f"`spar.ops.backends.cuda.source.assemble()`, options `{' '.join(NVRTC_OPTIONS)}`)",
+            "to PTX by nvcc, then by ptxas `-v` (registers, spills) for sm_90 and sm_80; the SASS",
+            "is counted per element (a thread handles a group of 4 elements per execution of",
+            "the segment: the loop over samples of the sampling kernels, the whole thread",
+            "otherwise). Static counts of one execution: the slow paths of IEEE division and",
+            "square root are subroutines outside the loop (not counted); the whole-thread",
+            "segments include both the 32-bit and the rarely taken 64-bit index division, so",
+            "they overstate what a thread runs.",
+            "",
+            _md_table(rows, cols),
+            "",
+            "## PREDICTED throughput of the sampling kernel (not measured)",
+            "",
+            "Bytes per element: the element written plus mu and sigma (8 B) read once per",
+            f"{CUDA_SAMPLE_SPT} samples. Time: the slowest of the SIMT pipes (warp instructions",
+            f"per class at the rates of `HARDWARE`, {ISSUE_PER_SM} issues per clock per SM) and",
+            f"HBM at {HBM_EFF:.0%} of peak; perfect overlap, so a lower bound on time. A GPU run",
+            "(`bench/gpu_check.sh`, step `cuda`) measures it against the device's copy bandwidth.",
+            "",
+            _md_table(preds, pcols),
+            "",
+        ]
+    )
+
+
+# =======================================================================================
 # main
 # =======================================================================================
 
@@ -1837,7 +2008,22 @@ def main(argv=None) -> int:
         "specialisation), as tests/ops/test_triton_compile.py does",
     )
     p.add_argument("--model-only", action="store_true", help="model the saved counts")
+    p.add_argument("--cuda", action="store_true",
+                   help="count the cuda backend's kernels (csrc/spar_cuda.cu) instead: writes "
+                   "bench/results/cuda_kernels.{csv,md}")  # fmt: skip
     args = p.parse_args(argv)
+    if args.cuda:
+        why = tools_available(args.arch[0])
+        if why:
+            print(f"cannot count: {why}", file=sys.stderr)
+            return 2
+        rows = cuda_counts(args.arch, log=lambda s: print(s, file=sys.stderr))
+        if args.print:
+            print(json.dumps(rows))
+            return 0
+        _write_csv(CUDA_CSV, rows)
+        CUDA_MD.write_text(cuda_report(rows))
+        return 0
     if not args.model_only:
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
             env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

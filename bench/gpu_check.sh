@@ -2,7 +2,7 @@
 # bench/gpu_check.sh - the one prepared script for the first minutes anyone has a GPU.
 #
 # What it runs, in order, each step with its own time limit (GPU run; the whole script is
-# capped at --budget seconds, 460 by default, so it ends within 8 minutes on one GPU even
+# capped at --budget seconds, 540 by default, so it ends within 9 minutes on one GPU even
 # if every step hits its limit):
 #
 #   step       limit  what
@@ -19,15 +19,25 @@
 #                     spar/ops/reference.py, Philox bit-exactness, a bayesianized CNN through
 #                     MonteCarlo, torch.compile (inductor) of Bayesian layers
 #   train        70 s `spar train --device cuda --nproc 1 --epochs 1` (digits CNN)
-#   kernels      60 s bench/bench_kernels.py --op linear: S=16,64, B=128, 4096x4096, bf16
-#   conv         50 s bench/bench_kernels.py --op conv: S=8,32, B=32, 64->64 ch, 32x32, 3x3
+#   kernels      75 s bench/bench_kernels.py --op linear: S=16,64, B=128, 4096x4096, bf16
+#                     (providers: spar_fused, spar_chunked, spar_torch, spar_cuda, peers)
+#   conv         60 s bench/bench_kernels.py --op conv: S=8,32, B=32, 64->64 ch, 32x32, 3x3
 #   layers       60 s bench/bench_layers.py --device cuda --config mlp small cnn --quick
 #                     --no-memory --budget-s 3: timing only (GPU memory is measured in the
 #                     kernels and conv steps)
+#   cuda         60 s the cuda backend (CuPy + NVRTC; NOT RUN without CuPy): pytest
+#                     tests/gpu/test_gpu_cuda.py (Philox integers and normals bit for bit,
+#                     every primitive and estimator against Triton, torch and the reference,
+#                     determinism, stream, torch.compile), then the sampling kernel's GB/s
+#                     (4096x4096 weight, 16 samples, fp32 and bf16 out; cuda and Triton)
+#                     against the device's copy bandwidth, into RESULTS/cuda_gpu.csv. The
+#                     full step against the Triton path is the spar_cuda row of the kernels
+#                     and conv steps. Dry run: the host build of the kernels (tests/ops).
 #
 # Expected on one H100/H200 (estimates, not yet measured): env 10 s, tests 60-120 s (most
-# of it compiling Triton kernels and the inductor graph), train 30-50 s, kernels 30-50 s,
-# conv 20-40 s, layers 25-45 s: about 3-5 minutes in all, Python start-up included.
+# of it compiling Triton kernels and the inductor graph), train 30-50 s, kernels 35-60 s,
+# conv 20-40 s, layers 25-45 s, cuda 20-40 s (NVRTC compiles once, ~1 s per process
+# without CuPy's cache): about 3.5-5.5 minutes in all, Python start-up included.
 # layers, in detail: one process (import torch and spar, CUDA context: ~10 s); 4 timed
 # S values (mlp S=1,4; small S=8; cnn S=8), each ~3 s of rounds (--budget-s 3; a round is
 # one ~0.1 s call per provider) plus ~1 s of warm-up (2 steps and >= 0.3 s per provider,
@@ -64,7 +74,7 @@
 # Flags:
 #   --out DIR       logs and the summary (default bench/results/gpu_check; dry run: a new
 #                   temporary folder)
-#   --budget S      seconds for the whole script (default 460; dry run 900; at least 15,
+#   --budget S      seconds for the whole script (default 540; dry run 900; at least 15,
 #                   what one step's minimum needs)
 #   --only LIST     comma-separated steps to run (the others: skipped)
 #   --skip LIST     comma-separated steps not to run
@@ -92,7 +102,7 @@ BUDGET=""
 ONLY=""
 SKIP=""
 PY=""
-STEPS=(env tests train kernels conv layers)
+STEPS=(env tests train kernels conv layers cuda)
 
 usage() { sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
@@ -154,7 +164,7 @@ if [ "$DRY" = 1 ]; then
 else
   OUT="${OUT:-$ROOT/bench/results/gpu_check}"
   RESULTS="$ROOT/bench/results"
-  BUDGET="${BUDGET:-460}"
+  BUDGET="${BUDGET:-540}"
   DEVICE=cuda
   unset TRITON_INTERPRET          # the kernels are compiled
 fi
@@ -362,14 +372,73 @@ step_layers() {
   "$PY" "${args[@]}"
 }
 
+step_cuda() {
+  if [ "$DRY" = 1 ]; then
+    # no GPU: the kernels' device code built for the CPU gives the numbers (tests/ops)
+    "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/ops/test_cuda_host.py \
+      -k "philox or normals or sample_weights or per_example or sampled_linear"
+    return
+  fi
+  if ! "$PY" -c "import cupy" 2>/dev/null; then
+    echo "SKIP: CuPy missing - the cuda backend check did not run (pip install 'spar[cuda13]' or 'spar[cuda12]')"
+    return 77
+  fi
+  TRITON_INTERPRET=0 SPAR_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs -p no:cacheprovider -v \
+    --junitxml="$OUT/tests_cuda.xml" tests/gpu/test_gpu_cuda.py || return 1
+  "$PY" - "$RESULTS/cuda_gpu.csv" <<'EOF'
+"""The sampling kernel's throughput (cuda and Triton) against the device's copy bandwidth."""
+import csv, datetime, os, sys
+import torch
+from triton.testing import do_bench
+from spar.ops.backends.cuda import sample as cuda_sample
+from spar.ops.backends.triton import sample as triton_sample
+from spar.rng import NoiseKey
+
+dev = torch.device("cuda")
+R, C, S = 4096, 4096, 16
+g = torch.Generator(device=dev).manual_seed(0)
+mu = torch.randn(R, C, device=dev, generator=g)
+sig = torch.rand(R, C, device=dev, generator=g)
+key = NoiseKey(seed=1, step=2, first_sample=0, num_samples=S)
+src = torch.empty(1 << 28, device=dev)  # 1 GiB
+dst = torch.empty_like(src)
+copy_gbs = 2 * src.numel() * 4 / do_bench(lambda: dst.copy_(src), rep=200) / 1e6  # read + write
+del src, dst
+name = torch.cuda.get_device_name(dev)
+date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+rows = []
+for dtype in (torch.float32, torch.bfloat16):
+    out = torch.empty((S, R, C), dtype=dtype, device=dev)
+    # bytes: every weight written once, mu and sigma read once (the minimum of either kernel)
+    nbytes = out.numel() * out.element_size() + 2 * R * C * 4
+    for backend, mod in (("cuda", cuda_sample), ("triton", triton_sample)):
+        ms = do_bench(lambda: mod.sample_weights(mu, sig, key, 7, dtype=dtype, out=out), rep=200)
+        gbs = nbytes / ms / 1e6
+        rows.append(dict(date=date, device_name=name, backend=backend, dtype=str(dtype)[6:],
+                         shape=f"{S}x{R}x{C}", ms=f"{ms:.4f}", gb_per_s=f"{gbs:.0f}",
+                         copy_gb_per_s=f"{copy_gbs:.0f}", of_copy=f"{gbs / copy_gbs:.3f}",
+                         gelem_per_s=f"{out.numel() / ms / 1e6:.1f}"))
+        print(f"{backend:>6} {rows[-1]['dtype']:>8}: {ms:.3f} ms, {gbs:.0f} GB/s "
+              f"({gbs / copy_gbs:.2f} of copy {copy_gbs:.0f} GB/s), "
+              f"{out.numel() / ms / 1e6:.1f} G weights/s")
+path = sys.argv[1]
+new = not os.path.exists(path)
+with open(path, "a", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    if new:
+        w.writeheader()
+    w.writerows(rows)
+EOF
+}
+
 # --------------------------------------------------------------------------- run
 
 if [ "$DRY" = 1 ]; then
-  L_ENV=120; L_TESTS=300; L_TRAIN=300; L_KERNELS=240; L_CONV=240; L_LAYERS=240
+  L_ENV=120; L_TESTS=300; L_TRAIN=300; L_KERNELS=240; L_CONV=240; L_LAYERS=240; L_CUDA=240
 else
-  L_ENV=30; L_TESTS=180; L_TRAIN=70; L_KERNELS=60; L_CONV=50; L_LAYERS=60
+  L_ENV=30; L_TESTS=180; L_TRAIN=70; L_KERNELS=75; L_CONV=60; L_LAYERS=60; L_CUDA=60
 fi
-export -f step_env step_tests step_train step_kernels step_conv step_layers
+export -f step_env step_tests step_train step_kernels step_conv step_layers step_cuda
 export PY DEVICE DRY OUT RESULTS
 
 run_step env "$L_ENV" bash -c step_env
@@ -381,12 +450,14 @@ run_step train "$L_TRAIN" bash -c step_train
 run_step kernels "$L_KERNELS" bash -c step_kernels
 run_step conv "$L_CONV" bash -c step_conv
 run_step layers "$L_LAYERS" bash -c step_layers
+run_step cuda "$L_CUDA" bash -c step_cuda
 
 # --------------------------------------------------------------------------- summary
 
 mkdir -p "$OUT/results"
 for f in "$RESULTS"/kernels_gpu.csv "$RESULTS"/kernels_gpu.png "$RESULTS"/kernels_conv_gpu.png \
-         "$RESULTS"/layers_gpu.csv "$RESULTS"/layers_gpu.md "$RESULTS"/layers_gpu.png; do
+         "$RESULTS"/layers_gpu.csv "$RESULTS"/layers_gpu.md "$RESULTS"/layers_gpu.png \
+         "$RESULTS"/cuda_gpu.csv; do
   [ -f "$f" ] && [ "$(dirname "$f")" != "$OUT/results" ] && cp -f "$f" "$OUT/results/"
 done
 
@@ -431,6 +502,13 @@ def key_numbers(step):
         v = re.search(r"^python (\S+)\s+torch (\S+)", text, re.M)
         t = re.search(r"^triton (\S+)", text, re.M)
         return f"{device_name}; torch {v.group(2) if v else '?'}; triton {t.group(1) if t else '?'}"
+    if step == "cuda":
+        m = re.findall(r"^=*\s*(\d+ (?:passed|failed|error|errors|skipped|deselected)\b.*?) in "
+                       r"[\d.]+s", text, re.M)
+        rows = [r for r in read(results / "cuda_gpu.csv") if r.get("date", "") >= started]
+        parts = [f"{r['backend']} {r['dtype']} {r['gb_per_s']} GB/s ({r['of_copy']} of copy)"
+                 for r in rows]
+        return "; ".join(([m[-1]] if m else []) + parts)
     if step == "tests":
         m = re.findall(r"^=*\s*(\d+ (?:passed|failed|error|errors|skipped|deselected)\b.*?) in "
                        r"[\d.]+s", text, re.M)

@@ -1,6 +1,8 @@
 /*
  * philox.h -- the noise key of spar (invariant I1) as plain C, for the CPU library
- * (spar_cpu.c) and for CUDA kernels (every function is __host__ __device__ under nvcc).
+ * (spar_cpu.c) and for the CUDA kernels (spar_cuda.cuh / spar_cuda.cu, compiled by NVRTC
+ * or nvcc: every function is __host__ __device__ there). Built with FMA contraction off
+ * (gcc -ffp-contract=off, NVRTC --fmad=false), the CPU and GPU normals are the same bits.
  *
  * eps[seed, step, param_id, sample, row, col] is lane col % 4 of
  *
@@ -23,7 +25,17 @@
 #ifndef SPAR_PHILOX_H_
 #define SPAR_PHILOX_H_
 
+#if defined(__CUDACC_RTC__)
+/* NVRTC (spar/ops/backends/cuda) has no system headers: the fixed-width types by hand
+ * (every CUDA target is LP64 with 32-bit int) */
+typedef unsigned short uint16_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+#else
 #include <stdint.h>
+#endif
 #if !defined(__CUDACC__) && !defined(__HIPCC__)
 #include <math.h> /* sqrtf */
 #endif

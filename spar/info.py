@@ -72,6 +72,8 @@ def render(info: dict) -> str:
         status = "loads" if err is None else "unavailable: " + err
         if err is None and name == "torch":
             status = "ok (CPU and GPU)"
+        elif err is None and name == "cuda":
+            status = "ok (CuPy; kernels compiled by NVRTC on first use, cached by CuPy)"
         elif err is None and name == "triton":
             status = (
                 "ok (runs for CUDA tensors)"

@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-STEPS = ("env", "tests", "train", "kernels", "conv", "layers")
+STEPS = ("env", "tests", "train", "kernels", "conv", "layers", "cuda")
 
 pytestmark = pytest.mark.skipif(
     shutil.which("bash") is None or shutil.which("timeout") is None,
@@ -85,7 +85,7 @@ def test_budget_spent_skips_later_steps_and_still_summarizes(tmp_path):
     for name in STEPS[1:]:
         assert steps[name]["status"] == "skipped" and "budget" in steps[name]["note"], name
     assert "gpu_check summary" in (tmp_path / "summary.txt").read_text()
-    assert "1 ok, 0 failed, 0 NOT RUN, 5 skipped" in _last_line(r)
+    assert "1 ok, 0 failed, 0 NOT RUN, 6 skipped" in _last_line(r)
 
 
 def test_a_run_in_which_no_step_ran_exits_nonzero(tmp_path):
@@ -126,6 +126,28 @@ def test_train_without_sklearn_is_flagged_as_not_run(tmp_path):
              env=_hide_sklearn(tmp_path / "again"))  # fmt: skip
     assert r.returncode == 3, r.stdout + r.stderr
     assert "NO STEP RAN" in _last_line(r) and "1 NOT RUN (train)" in _last_line(r)
+
+
+def test_cuda_step_without_cupy_is_not_run(tmp_path):
+    """The GPU run's cuda step where CuPy does not import: exit 77 (NOT RUN) with a SKIP line
+    naming the extra, before anything touches a GPU: the script's own step_cuda, run with
+    a CuPy that fails to import (a GPU run of the script would write into bench/results)."""
+    body = subprocess.run(["sed", "-n", "/^step_cuda() {/,/^}/p", str(SCRIPT)],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert body.strip().endswith("}"), body
+    pkg = tmp_path / "hide" / "cupy"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text('raise ImportError("CuPy hidden by the test")\n')
+    old = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PY": sys.executable, "DEVICE": "cuda", "DRY": "0",
+           "OUT": str(tmp_path), "RESULTS": str(tmp_path),
+           "PYTHONPATH": str(pkg.parent) + (os.pathsep + old if old else "")}  # fmt: skip
+    r = subprocess.run(["bash", "-c", body + "\nstep_cuda"], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=120)  # fmt: skip
+    assert r.returncode == 77, r.stdout + r.stderr
+    skip = [line for line in r.stdout.splitlines() if line.startswith("SKIP: ")]
+    assert skip and "CuPy missing" in skip[0] and "spar[cuda13]" in skip[0], r.stdout
+    assert not (tmp_path / "cuda_gpu.csv").exists()
 
 
 def test_env_warns_when_triton_has_no_c_compiler(tmp_path):

@@ -1,14 +1,15 @@
 """Which backend runs a primitive: a registry keyed by ``(primitive, backend)``.
 
-Backends (``spar/ops/backends/torch``, ``spar/ops/backends/triton``; ``cuda`` is reserved
-for the CUDA backend and not written yet) register the primitives they implement when their
-package is imported, each with the dtypes it serves (the parameters' dtype for
+Backends (``spar/ops/backends/torch``, ``spar/ops/backends/triton``,
+``spar/ops/backends/cuda``) register the primitives they implement when their loader module
+(:data:`_LOADERS`) is imported, each with the dtypes it serves (the parameters' dtype for
 ``sampled_linear``/``sampled_conv``, the tensor input's for ``lrt_noise``/``sign_mul``;
 ``normal`` serves any); nothing heavy (triton) is imported until a backend is needed.
 
 The rule, per primitive and per call (``SPAR_BACKEND``, parsed by :mod:`spar._env`). A
 backend *serves* a call when it loads, implements the primitive, and accepts the call's
-dtype (Triton: fp32 parameters, fp32/fp16/bf16 activations):
+dtype (Triton and cuda: fp32 parameters, fp32/fp16/bf16 activations; cuda also needs CuPy
+and a GPU, else it does not load):
 
 * ``auto`` (default): on a CUDA tensor the first of ``triton``, ``cuda``, ``torch`` that
   serves the call; on any other device ``torch``. An fp64 (or fp16/bf16-parameter) model
@@ -36,11 +37,12 @@ from spar import _env
 BACKENDS = ("torch", "triton", "cuda")
 PRIMITIVES = ("sampled_linear", "sampled_conv", "lrt_noise", "sign_mul", "normal")
 
-# backend -> package whose import registers its primitives (None: not written yet)
+# backend -> module whose import registers its primitives (None: not written yet)
 _LOADERS: dict[str, str | None] = {
     "torch": "spar.ops.backends.torch",
     "triton": "spar.ops.backends.triton",
-    "cuda": None,
+    # a submodule: the package itself imports no CuPy (tests use its sources without a GPU)
+    "cuda": "spar.ops.backends.cuda.register",
 }
 _REGISTRY: dict[tuple[str, str], Callable] = {}
 # (primitive, backend) -> the dtypes it accepts (None: every dtype)

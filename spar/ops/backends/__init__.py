@@ -1,4 +1,4 @@
-"""spar's op backends, one package each (``torch``, ``triton``; ``cuda`` later). A backend
+"""spar's op backends, one package each (``torch``, ``triton``, ``cuda``). A backend
 supplies primitives (kernels, launchers, backward math) and registers them with
 :func:`spar.ops.library.define`; it knows nothing about estimators or layers.
 

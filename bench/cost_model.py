@@ -496,7 +496,9 @@ def _mma_macs(op: str, mods: str, num_warps: int) -> int:
 
 
 _SASS_INSTR = re.compile(
-    r"^(?:[0-9a-fA-FY:\-]+\s+)?(?:/\*[0-9a-f]+\*/\s*)?(?:@!?U?P[T0-9]+\s+)?"
+    # an optional address token ("0010:"; a colon, so an all-hex opcode such as FADD is
+    # never taken for one), the /*address*/ comment, a predicate, then the opcode
+    r"^(?:[0-9a-fA-FY\-]*:\s+)?(?:/\*[0-9a-f]+\*/\s*)?(?:@!?U?P[T0-9]+\s+)?"
     r"([A-Z][A-Z0-9_]*)((?:\.[A-Za-z0-9_]+)*)\s*([^;]*);"
 )
 _SASS_LABEL = re.compile(r"^\s*\.?(L[\w.]+|LBB\w+):\s*$")
@@ -1823,9 +1825,7 @@ def _sass_labelled(raw: str) -> str:
             out.append(f"{label[int(addr, 16)]}:")
         asm = re.sub(r"(BRA[^;]*?)0x([0-9a-f]+)", lambda m: m.group(1) + label[int(m.group(2), 16)],
                      asm)  # fmt: skip
-        # a leading token that parse_sass skips: without it, its optional address group
-        # would take an all-hex-letter opcode (FADD) for an address
-        out.append("Y: " + asm)
+        out.append(asm)
     return "\n".join(out) + "\n"
 
 

@@ -496,9 +496,10 @@ def _mma_macs(op: str, mods: str, num_warps: int) -> int:
 
 
 _SASS_INSTR = re.compile(
-    # an optional address token ("0010:"; a colon, so an all-hex opcode such as FADD is
-    # never taken for one), the /*address*/ comment, a predicate, then the opcode
-    r"^(?:[0-9a-fA-FY\-]*:\s+)?(?:/\*[0-9a-f]+\*/\s*)?(?:@!?U?P[T0-9]+\s+)?"
+    # an optional address or control token ("0010:", "--:-:-:-:1": it has a colon, so an
+    # all-hex opcode such as FADD is never taken for one), the /*address*/ comment, a
+    # predicate, then the opcode
+    r"^(?:[0-9a-fA-FY\-]*:[0-9a-fA-FY:\-]*\s+)?(?:/\*[0-9a-f]+\*/\s*)?(?:@!?U?P[T0-9]+\s+)?"
     r"([A-Z][A-Z0-9_]*)((?:\.[A-Za-z0-9_]+)*)\s*([^;]*);"
 )
 _SASS_LABEL = re.compile(r"^\s*\.?(L[\w.]+|LBB\w+):\s*$")

@@ -92,3 +92,19 @@ def test_fused_forward_counts_on_sm90():
     assert loop["mma"] >= 1 and loop["macs"] == loop["seg_macs_expected"] > 0
     ptx = next(r for r in rows if r["source"] == "ptx" and r["segment"] == "loop1")
     assert ptx["mma"] >= 1 and ptx["integer_per_elem"] > 10
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "FADD R1, R2, R3 ;",
+        "/*0010*/ DADD R4, R6, R8 ;",
+        "--:-:-:-:1 FADD R1, R2, R3;",
+        "0010: FADD R1, R2, R3 ;",
+    ],
+)
+def test_all_hex_opcode_is_not_an_address(line):
+    # FADD and DADD are spelled with hex digits only: the optional address token must not
+    # swallow them (they were counted as "other" with an operand as the opcode)
+    ((kind, op, *_),) = cm.parse_sass(line)
+    assert kind == "ins" and op in ("FADD", "DADD")

@@ -5,7 +5,9 @@ sampling parallelism over 2 local CPU processes (spar launches them itself throu
 PyTorch's elastic launcher unless it already runs under torchrun or SLURM), and reports
 accuracy, calibration and how well its uncertainty flags the unseen digits 8 and 9.
 Every option can also come from a TOML config file (``--config``; command-line flags
-win). Bad input ends with a one-line error and exit code 2.
+win; its values follow the same rules). Bad input, and everything that can be checked
+before the ranks start (see :func:`spar.train.preflight`), ends with a one-line error and
+exit code 2; an interrupt or a failed rank ends with one line that says where to resume.
 
 ``spar plan`` predicts, with the cost model of :func:`spar.distributed.plan`, the step and
 epoch time, the scaling efficiency and the memory per GPU of every feasible ``sample x
@@ -17,19 +19,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 from spar.distributed.plan import OPTIMIZERS
-from spar.train import AUGMENTS, LOSSES, MODES, TrainConfig
+from spar.train import AUGMENTS, DEFAULT_TIMEOUT, LOSSES, MODES, TrainConfig
 
 _DEFAULTS = TrainConfig()
 
 
-def _count(text: str) -> int:
-    """A positive integer, exactly (``12345678901234567``), also written as ``5.7e6``."""
+def _whole_number(text: str, minimum: int) -> int:
+    """An integer >= ``minimum``, exactly (``12345678901234567``), also written as ``5.7e6``."""
     try:
         value = int(text)
     except ValueError:
@@ -40,11 +43,21 @@ def _count(text: str) -> int:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if not math.isfinite(f) or not f.is_integer():
-            raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
         value = _exact_int(text, f)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
     return value
+
+
+def _count(text: str) -> int:
+    """A positive integer (see :func:`_whole_number`)."""
+    return _whole_number(text, 1)
+
+
+def _count_or_zero(text: str) -> int:
+    """An integer >= 0 (see :func:`_whole_number`)."""
+    return _whole_number(text, 0)
 
 
 def _exact_int(text: str, approx: float) -> int:
@@ -67,6 +80,13 @@ def _float(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -111,6 +131,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", default=None, help="continue from OUT/checkpoint.pt"
     )
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    t.add_argument(
+        "--timeout",
+        type=_positive_float,
+        metavar="SEC",
+        help=f"how long the ranks wait for a missing rank (default {DEFAULT_TIMEOUT:.0f} s)",
+    )
+    t.add_argument(
+        "--max-restarts",
+        type=_count_or_zero,
+        metavar="N",
+        help="restart all ranks from the last checkpoint when one fails, up to N times "
+        f"(default {d.max_restarts})",
+    )
+    t.add_argument(
+        "--no-memory-check",
+        dest="memory_check",
+        action="store_false",
+        default=None,
+        help="start even where the estimated memory of a step exceeds what is available",
+    )
     _add_plan_parser(sub)
     sub.add_parser("info", help="versions, working backends, GPUs")
     return parser
@@ -426,6 +466,35 @@ def _run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _train_actions() -> dict[str, argparse.Action]:
+    """The options of ``spar train`` by destination name (``samples``, ``progress``, ...)."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: a for a in sub.choices["train"]._actions if a.dest != "help"}
+
+
+def _config_value(action: argparse.Action, key: str, value, path: Path):
+    """``value`` of config-file key ``key`` checked with the command line's rules for the
+    same option: its type function, its choices; a switch needs true or false."""
+    where = f"--config {path}: {key}"
+    if action.nargs == 0:  # a switch (--resume, --no-progress)
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"{where}: expected a single value, got {value!r}")
+    if action.type is not None:
+        try:
+            value = action.type(str(value))
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"{where}: {e}") from None
+        except ValueError:
+            raise ValueError(f"{where}: expected an integer, got {value!r}") from None
+    if action.choices is not None and value not in action.choices:
+        allowed = ", ".join(map(str, action.choices))
+        raise ValueError(f"{where} must be one of {allowed}; got {value!r}")
+    return value
+
+
 def _load_config_file(path: Path) -> dict:
     try:
         import tomllib
@@ -439,11 +508,12 @@ def _load_config_file(path: Path) -> dict:
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"--config {path}: not valid TOML ({e})") from None
     values = {k.replace("-", "_"): v for k, v in values.items()}
-    known = {f.name: f for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - set(known))
+    actions = _train_actions()
+    known = {f.name for f in fields(TrainConfig)} & set(actions)
+    unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"--config {path}: unknown keys {', '.join(unknown)}")
-    return values
+    return {k: _config_value(actions[k], k, v, path) for k, v in values.items()}
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -470,21 +540,72 @@ def main(argv: list[str] | None = None) -> int:
 
         print(render(collect()))
         return 0
-    from spar.checkpoint import CheckpointError
-    from spar.train import launch
-
     try:
         cfg = config_from_args(args)
-        cfg.validate()
-        if cfg.resume and not (Path(cfg.out) / "checkpoint.pt").is_file():
-            raise ValueError(f"--resume: no checkpoint at {Path(cfg.out) / 'checkpoint.pt'}")
-        if cfg.resume:
-            from spar.checkpoint import load_checkpoint
-
-            load_checkpoint(Path(cfg.out) / "checkpoint.pt")  # fail here, not in every rank
-    except (ValueError, CheckpointError) as e:
+    except ValueError as e:
         parser.exit(2, f"spar train: error: {e}\n")
-    launch(cfg)
+    return _run_train(cfg, parser)
+
+
+class _Terminated(Exception):
+    """SIGTERM, raised in the main thread so that the run unwinds (and unlocks) as for ^C."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
+def _where_to_resume(cfg) -> str:
+    from spar.checkpoint import CheckpointError, load_checkpoint
+    from spar.train import CHECKPOINT
+
+    path = Path(cfg.out) / CHECKPOINT
+    try:
+        epoch = load_checkpoint(path)["epoch"]
+    except (CheckpointError, KeyError):
+        return "no checkpoint was written yet"
+    return f"the last checkpoint is {path} (epoch {epoch}); to continue, add --resume"
+
+
+def _run_train(cfg, parser: argparse.ArgumentParser) -> int:
+    """``spar train``: problems found before training are one line and exit 2; an interrupt
+    (^C, SIGTERM) or a failed rank is one line that says where to resume, exit 130, 143, 1."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from spar.train import SetupError, describe_failure, launch
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        launch(cfg)
+    except SetupError as e:
+        parser.exit(2, f"spar train: error: {e}\n")
+    except (KeyboardInterrupt, _Terminated, SignalException) as e:
+        if isinstance(e, SignalException):  # the elastic launcher's handler caught it
+            signum = signal.Signals(e.sigval)
+        else:
+            signum = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
+        where = _where_to_resume(cfg)
+        parser.exit(128 + signum, f"spar train: stopped by {signum.name}; {where}\n")
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode < 0:
+            how = f"killed by {failure.signal_name()}"
+        elif failure.exitcode == 124:  # StallWatch ended a stalled job (its line is above)
+            how = "it stopped a stalled job"
+        else:
+            how = f"exit code {failure.exitcode}"
+        parser.exit(1, f"spar train: error: rank {rank} failed ({how}); {_where_to_resume(cfg)}\n")
+    except Exception as e:  # this process is a rank (torchrun, SLURM, --mode local)
+        line = describe_failure(e)
+        if line is None:
+            raise
+        rank = os.environ.get("RANK", "0")
+        parser.exit(1, f"spar train: rank {rank}: {line}; {_where_to_resume(cfg)}\n")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

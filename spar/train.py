@@ -12,6 +12,13 @@ the checkpoint. A checkpoint is written atomically at the end of every epoch and
 model (with the step counter that keys the noise), optimizer and every rank's
 augmentation generator, so ``resume`` continues bit-identically on the same grid.
 
+Faults (issue 14): :func:`preflight` checks, before any rank starts, everything that can
+fail later (options, a writable ``out``, the checkpoint to resume against the model and the
+experiment, the memory of a step); :func:`launch` locks ``out`` for the run; every output
+is written by temp-and-rename; the ranks agree on one config at start-up; a
+:class:`StallWatch` names a stalled rank and ends the job; an elastic restart
+(``max_restarts``, or torchrun's) continues from the job's last checkpoint.
+
 Devices: ``device="cuda"`` binds one GPU per rank (``cuda:LOCAL_RANK``) and uses NCCL
 between ranks, ``"cpu"`` uses gloo, whatever else the machine has. One process
 (``nproc=1`` outside torchrun/SLURM, or ``mode="local"``) runs in the calling process
@@ -24,12 +31,21 @@ peak resident set size.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import hashlib
 import json
+import logging
 import math
 import os
+import re
+import signal
+import socket
 import statistics
 import sys
+import threading
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,7 +55,8 @@ from torch import nn
 
 import spar
 from spar import metrics
-from spar.checkpoint import load_checkpoint, save_checkpoint
+from spar._fs import OutputBusyError, OutputLock, atomic_write, check_writable, remove_stale_temps
+from spar.checkpoint import CheckpointError, load_checkpoint, previous_path, save_checkpoint
 from spar.data import GridSampler
 from spar.distributed import SampleParallel
 from spar.telemetry import Telemetry
@@ -48,6 +65,20 @@ MODES = ("sp", "ddp", "hybrid", "local")
 LOSSES = ("mean_samples", "mixture")
 AUGMENTS = ("independent", "shared", "none")
 IN_CLASSES = 8  # digits 0-7 in distribution, 8-9 out of distribution
+CHECKPOINT = "checkpoint.pt"
+# the options that define the experiment: a resumed run must keep them; epochs, the grid
+# shape (nproc, mode, axes), the device and the output options may change
+EXPERIMENT = ("seed", "samples", "batch_size", "lr", "kl_weight", "init_sigma", "loss", "augment")
+DEFAULT_TIMEOUT = 300.0  # seconds the ranks wait for each other at start-up and epoch ends
+
+
+class SetupError(ValueError):
+    """A problem found before training starts (an option, the output folder, the checkpoint
+    to resume, memory, ranks that disagree): ``spar train`` prints it as one line, exit 2."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -72,6 +103,9 @@ class TrainConfig:
     out: str = "runs/spar-train"
     resume: bool = False
     progress: bool = True
+    timeout: float | None = None
+    max_restarts: int = 0
+    memory_check: bool = True
 
     def grid_axes(self) -> tuple[int, int]:
         """``(sample, data)`` axis sizes for this config's mode and process count."""
@@ -115,6 +149,10 @@ class TrainConfig:
             raise ValueError(f"--kl-weight must be >= 0, got {self.kl_weight}")
         if not (self.init_sigma > 0 and math.isfinite(self.init_sigma)):
             raise ValueError(f"--init-sigma must be > 0, got {self.init_sigma}")
+        if self.timeout is not None and not (self.timeout > 0 and math.isfinite(self.timeout)):
+            raise ValueError(f"--timeout must be a positive number of seconds, got {self.timeout}")
+        if self.max_restarts < 0:
+            raise ValueError(f"--max-restarts must be >= 0, got {self.max_restarts}")
         if self.mode != "hybrid" and (self.sample_axis or self.data_axis):
             raise ValueError("--sample-axis/--data-axis are only used with --mode hybrid")
         a, b = self.grid_axes()
@@ -258,6 +296,7 @@ def _checkpoint_state(sp: SampleParallel, opt, epoch: int, cfg: TrainConfig) -> 
         "grid": [sp.grid.sample, sp.grid.data],
         "augment_states": gens,
         "config": {k: v for k, v in asdict(cfg).items() if v is not None},
+        "job": _job_id(),
     }
 
 
@@ -273,6 +312,229 @@ def _restore(sp: SampleParallel, opt, state: dict) -> int:
         # streams are per rank and restart from a seed derived from the epoch
         sp.augment_generator.manual_seed(sp.augment_seed + int(state["epoch"]))
     return int(state["epoch"])
+
+
+def _job_id() -> str | None:
+    """The launcher's id of this job (the same in every rank and across elastic restarts):
+    spar's own launcher makes a fresh one per run; torchrun takes ``--rdzv-id`` (random with
+    ``--standalone``)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
+
+
+def _restart_count() -> int:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def _group_timeout(cfg: TrainConfig) -> float:
+    """Seconds a collective of the process group waits: the start-up and epoch-end allowance
+    (:data:`DEFAULT_TIMEOUT`), or ``--timeout`` when longer; a step's own, often shorter,
+    limit is :class:`StallWatch`'s."""
+    return max(DEFAULT_TIMEOUT, cfg.timeout or 0.0)
+
+
+def _init_restarted_group(cfg: TrainConfig) -> None:
+    """In a rank that an elastic launcher restarted: initialize the default process group
+    on a store namespace of this attempt. The launcher's store outlives the attempts and
+    still holds the previous attempt's keys (the dead ranks' addresses), which the new ranks
+    would otherwise read and fail to connect to."""
+    attempt = _restart_count()
+    if not attempt or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    env = spar.distributed.detect_launch_env()
+    timeout = datetime.timedelta(seconds=_group_timeout(cfg))
+    store = dist.TCPStore(
+        env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout
+    )
+    if cfg.device == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    dist.init_process_group(
+        dist_backend(cfg.device), store=dist.PrefixStore(f"spar/attempt_{attempt}", store),
+        rank=env.rank, world_size=env.world_size, timeout=timeout,
+    )  # fmt: skip
+
+
+def resume_checkpoint(out: str | os.PathLike) -> tuple[Path, dict, str | None]:
+    """``(path, state, note)`` of the checkpoint to resume from: ``out/checkpoint.pt``, or,
+    when that file is damaged, the previous one kept beside it (``note`` then says so; it
+    is ``None`` otherwise). Raises :class:`CheckpointError` when neither is usable."""
+    path = Path(out) / CHECKPOINT
+    try:
+        return path, load_checkpoint(path), None
+    except CheckpointError as damaged:
+        prev = previous_path(path)
+        if not (path.is_file() and prev.is_file()):
+            raise
+        try:
+            state = load_checkpoint(prev)
+        except CheckpointError:
+            raise damaged from None
+        note = f"{damaged}; resuming from the previous checkpoint {prev} (epoch {state['epoch']})"
+        return prev, state, note
+
+
+_CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "grid", "augment_states", "config")
+
+
+def check_resume(state: dict, cfg: TrainConfig, path: Path) -> None:
+    """Raise :class:`SetupError` unless ``state`` is a ``spar train`` checkpoint of this
+    experiment that this run can continue: every key present, the same experiment options
+    (:data:`EXPERIMENT`), parameters and optimizer state that fit the model, finite values."""
+    missing = [k for k in _CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise SetupError(f"{path} has no {', '.join(missing)}: not a checkpoint of spar train")
+    stored = state["config"]
+    for name in EXPERIMENT:
+        if name in stored and stored[name] != getattr(cfg, name):
+            raise SetupError(
+                f"--resume: {path} was trained with {_flag(name)} {stored[name]}, this run "
+                f"asks for {getattr(cfg, name)}; a resumed run keeps "
+                f"{', '.join(_flag(n) for n in EXPERIMENT)} (it may change --epochs and the grid)"
+            )
+    sp = SampleParallel(
+        digits_cnn(cfg.init_sigma), cfg.samples, spar.distributed.Grid.local(), seed=cfg.seed
+    )
+    expected, got = sp.module.state_dict(), state["model"]
+    if not isinstance(got, dict):
+        raise SetupError(f"{path}: 'model' is a {type(got).__name__}, not a state dict")
+    for key in expected:
+        if key not in got:
+            raise SetupError(f"{path} is not a checkpoint of this model: it has no {key!r}")
+        if tuple(got[key].shape) != tuple(expected[key].shape):
+            raise SetupError(
+                f"{path} is not a checkpoint of this model: {key!r} has shape "
+                f"{tuple(got[key].shape)}, the model's is {tuple(expected[key].shape)}"
+            )
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        raise SetupError(f"{path} is not a checkpoint of this model: unknown entry {extra[0]!r}")
+    for key, value in got.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise SetupError(
+                f"{path}: {key!r} holds {bad} non-finite values (nan/inf) of {value.numel()}; "
+                f"it cannot be resumed (the previous checkpoint, if any: {previous_path(path)})"
+            )
+    opt = torch.optim.Adam(sp.parameters(), lr=cfg.lr)
+    try:
+        opt.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError) as e:
+        reason = (str(e).splitlines() or [""])[0]
+        raise SetupError(f"{path}: its optimizer state does not fit the model ({reason})") from None
+    grid, gens = state["grid"], state["augment_states"]
+    if not (isinstance(grid, list) and len(grid) == 2 and all(isinstance(v, int) for v in grid)):
+        raise SetupError(f"{path}: 'grid' is {grid!r}, not [sample, data]")
+    if not isinstance(gens, list) or len(gens) != grid[0] * grid[1]:
+        raise SetupError(
+            f"{path}: 'augment_states' holds {len(gens) if isinstance(gens, list) else gens!r} "
+            f"states for a {grid[0]}x{grid[1]} grid"
+        )
+    if isinstance(state["epoch"], bool) or not isinstance(state["epoch"], int):
+        raise SetupError(f"{path}: 'epoch' is {state['epoch']!r}, not a count")
+
+
+def _activation_numel(cfg: TrainConfig) -> int:
+    """Numbers every layer of the model outputs for one example and one weight sample."""
+    mc = spar.nn.MonteCarlo(digits_cnn(cfg.init_sigma), 1, seed=0)
+    total = 0
+
+    def count(_module, _inputs, output) -> None:
+        nonlocal total
+        total += output.numel()
+
+    leaves = [m for m in mc.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            mc.eval()(torch.zeros(1, 1, 8, 8))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def memory_estimate(cfg: TrainConfig) -> int:
+    """Estimated peak bytes of one rank, from the model's shapes (fp32): parameters (mean
+    and rho) with their gradients and Adam's two moments; the training step's activations
+    (every layer's output kept for backward, its gradient and one transient) for the rank's
+    ``S/sample x B/data`` sample-examples; the evaluation's activations for its samples of
+    the largest split; whichever of the two is larger."""
+    a, b = cfg.grid_axes()
+    s_local, b_local = cfg.samples // a, cfg.batch_size // b
+    params = sum(p.numel() for p in digits_cnn(cfg.init_sigma).parameters())
+    act = _activation_numel(cfg)
+    n_eval = len(digits_splits(cfg.seed)[0][0])
+    train = 3 * s_local * b_local * act
+    evaluation = s_local * n_eval * act + cfg.samples * n_eval * IN_CLASSES
+    return 4 * (4 * params + max(train, evaluation))
+
+
+def memory_limit(cfg: TrainConfig) -> tuple[int, str] | None:
+    """``(bytes, what)`` one rank may use: free memory of a GPU, or the machine's available
+    memory shared by its local ranks; ``None`` where it cannot be read."""
+    if cfg.device == "cuda":
+        return int(torch.cuda.mem_get_info(0)[0]), "free on GPU 0"
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    if cfg.mode == "local":
+        ranks = 1
+    elif spar.distributed.detect_launch_env().source == "local":
+        ranks = cfg.nproc  # spar's own launcher: all on this machine
+    else:
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return available // max(1, ranks), f"available on this machine / {ranks} rank(s)"
+
+
+def preflight(cfg: TrainConfig, *, writer: bool = True) -> None:
+    """Check, before any rank starts, everything that can fail later: the options, that
+    the output folder is writable (``writer``: the process that writes it), the checkpoint
+    to resume (structure, experiment options, finite values) and the memory a step needs
+    (unless ``cfg.memory_check`` is off). Raises :class:`SetupError`."""
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise SetupError(str(e)) from None
+    if writer:
+        try:
+            check_writable(cfg.out)
+        except OSError as e:
+            raise SetupError(f"--out {e.strerror}") from None
+    if cfg.resume:
+        try:
+            path, state, _ = resume_checkpoint(cfg.out)
+        except CheckpointError as e:
+            raise SetupError(f"--resume: {e}") from None
+        check_resume(state, cfg, path)
+    limit = memory_limit(cfg) if cfg.memory_check else None
+    need = memory_estimate(cfg) if limit is not None else 0
+    if limit is not None and need > limit[0]:
+        raise SetupError(
+            f"--samples {cfg.samples} --batch-size {cfg.batch_size}: a step needs about "
+            f"{need / 2**30:.1f} GiB per rank (estimated from the model's shapes), more than "
+            f"the {limit[0] / 2**30:.1f} GiB {limit[1]}; lower them, use more ranks, or pass "
+            "--no-memory-check"
+        )
+
+
+def _agree_across_ranks(cfg: TrainConfig) -> None:
+    """All-gather a hash of the options; raise :class:`SetupError` naming the first option
+    that differs between ranks (each rank of a torchrun job parses its own command line)."""
+    mine = {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress")}
+    digest = hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()
+    if len(set(_all_gather_object(digest))) == 1:
+        return
+    configs = _all_gather_object(mine)
+    for name, value in mine.items():
+        for r, other in enumerate(configs):
+            if other[name] != configs[0][name]:
+                raise SetupError(
+                    f"the ranks were started with different options: {_flag(name)} is "
+                    f"{configs[0][name]} on rank 0 but {other[name]} on rank {r} (this is rank "
+                    f"{_rank()}, with {value}); start every rank with the same options"
+                )
 
 
 def evaluate(sp: SampleParallel, x_test, y_test, x_ood) -> dict:
@@ -294,6 +556,15 @@ def evaluate(sp: SampleParallel, x_test, y_test, x_ood) -> dict:
         "_reliability": rel,
         "_mi": (mi_in, mi_out),
     }
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def _plots(out: Path, report: dict) -> list[str]:
@@ -319,8 +590,7 @@ def _plots(out: Path, report: dict) -> list[str]:
            title=f"Reliability (ECE {report['ece']:.3f})")  # fmt: skip
     ax.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(out / "reliability.png", dpi=120)
-    plt.close(fig)
+    _save_figure(fig, out / "reliability.png")
 
     mi_in, mi_out = report["_mi"]
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -333,8 +603,7 @@ def _plots(out: Path, report: dict) -> list[str]:
            title=f"Epistemic uncertainty (OOD AUROC {auroc:.3f})")  # fmt: skip
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "uncertainty.png", dpi=120)
-    plt.close(fig)
+    _save_figure(fig, out / "uncertainty.png")
     return ["reliability.png", "uncertainty.png"]
 
 
@@ -402,6 +671,140 @@ def _table(report: dict) -> str:
     return "\n".join([rule, *lines, rule])
 
 
+class StallWatch:
+    """Ends the job when training stops making progress, and says which rank stalled where.
+
+    The training loop calls :meth:`beat` when a step starts loading its batch and when it
+    starts computing (and around the slower work at the end of an epoch, with ``allow``).
+    Each beat publishes this rank's ``(epoch, step, phase)`` in the launcher's key-value
+    store, and a daemon thread bumps this rank's heartbeat counter there twice a second. The
+    same thread checks the time since the last beat: past the limit, it names the stalled
+    rank (one whose heartbeat stopped: a stopped process; else the one furthest behind: a
+    stuck data loader) and the step it did not finish, in one line; stops that rank when it
+    runs on this machine (a stopped process would hold the launcher for its grace period);
+    and exits with code 124.
+
+    The limit of a step is ``timeout`` when given, else ``max(min_limit, factor x the
+    slowest step so far)``: measured, so a slow model does not trip it and a fast one does
+    not wait minutes. Until a step has been measured (the first one compiles and warms up),
+    and around epoch ends (``allow`` of :meth:`beat`), it is at least ``startup``.
+    """
+
+    PHASES = ("loading its batch", "computing")
+
+    def __init__(
+        self,
+        rank: int,
+        timeout: float | None,
+        startup: float,
+        *,
+        factor: float = 20.0,
+        min_limit: float = 60.0,
+    ) -> None:
+        self.rank, self.timeout, self.startup = rank, timeout, startup
+        self.factor, self.min_limit = factor, min_limit
+        self.slowest = 0.0
+        self.where = (0, 0, 0)
+        self.step_start = self.last = time.monotonic()
+        self.deadline = math.inf
+        self._stop = threading.Event()
+        self._store = None
+        env = spar.distributed.detect_launch_env()
+        if env.source != "local" and env.master_addr and env.master_port:
+            # a client of the launcher's store (torchrun's agent, or rank 0); without one
+            # the watch still ends the job, it only cannot name the stalled rank
+            with contextlib.suppress(Exception):
+                self._store = dist.TCPStore(
+                    env.master_addr, env.master_port, env.world_size, is_master=False,
+                    timeout=datetime.timedelta(seconds=10),
+                )  # fmt: skip
+            self._world = env.world_size
+            self._prefix = f"spar/watch/{_job_id()}/{_restart_count()}/"
+        self._thread = threading.Thread(target=self._run, name="spar-stallwatch", daemon=True)
+
+    def limit(self) -> float:
+        """Seconds a step may take now."""
+        if not self.slowest:
+            return max(self.startup, self.timeout or 0.0)
+        if self.timeout is not None:
+            return self.timeout
+        return max(self.min_limit, self.factor * self.slowest)
+
+    def beat(self, epoch: int, step: int, phase: int = 0, *, allow: float | None = None) -> None:
+        """This rank is at ``step`` (from 0) of ``epoch`` (from 0), in ``PHASES[phase]``; the
+        next beat is due within ``allow`` seconds (default: :meth:`limit`)."""
+        now = time.monotonic()
+        if phase == 0:  # a step starts (or, with step -1, an epoch): the previous one ended
+            if step > 0 and self.where[:2] == (epoch, step - 1):
+                self.slowest = max(self.slowest, now - self.step_start)
+            self.step_start = now
+        self.where, self.last = (epoch, step, phase), now
+        self.deadline = now + (self.limit() if allow is None else allow)
+        if self._store is not None:
+            info = f"{epoch} {step} {phase} {socket.gethostname()} {os.getpid()}"
+            with contextlib.suppress(Exception):  # monitoring must not fail the training
+                self._store.set(f"{self._prefix}at/{self.rank}", info)
+
+    def __enter__(self) -> StallWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            if self._store is not None:
+                with contextlib.suppress(Exception):  # the store's host is gone: no heartbeat
+                    self._store.add(f"{self._prefix}alive/{self.rank}", 1)
+            if time.monotonic() > self.deadline:
+                self._fire()
+
+    def _fire(self) -> None:
+        epoch, step, phase = self.where
+        line = (f"no progress for {time.monotonic() - self.last:.0f} s "
+                f"(limit {self.limit():.0f} s, --timeout)")  # fmt: skip
+        stalled = self._stalled()
+        if stalled is None:
+            line += f"; this rank waits in epoch {epoch + 1}, step {step + 1}"
+        else:
+            r, (e, s_, ph, host, pid), stopped = stalled
+            who = "this rank" if r == self.rank else f"rank {r}"
+            how = "stopped" if stopped else "stuck"
+            line += f"; {who} {how} in epoch {e + 1}, step {s_ + 1}, {self.PHASES[ph]}"
+            if stopped and r != self.rank and host == socket.gethostname():
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        print(f"spar train: rank {self.rank}: {line}; stopping", file=sys.stderr, flush=True)
+        os._exit(124)
+
+    def _stalled(self):
+        """``(rank, (epoch, step, phase, host, pid), stopped)`` of the stalled rank: one whose
+        heartbeat does not move, else the one furthest behind; ``None`` if it cannot tell."""
+        if self._store is None:
+            return None
+
+        def read(key: str) -> dict:
+            out = {}
+            for r in range(self._world):
+                with contextlib.suppress(Exception):  # no such key yet, or the store is gone
+                    out[r] = self._store.get(f"{self._prefix}{key}/{r}").decode()
+            return out
+
+        at = {r: v.split() for r, v in read("at").items()}
+        at = {r: (int(e), int(s), int(p), host, int(pid)) for r, (e, s, p, host, pid) in at.items()}
+        alive = read("alive")
+        time.sleep(1.5)  # three heartbeats
+        # (this thread is this rank's heartbeat, and it is busy here: this rank is alive)
+        frozen = [r for r, n in read("alive").items() if alive.get(r) == n and r != self.rank]
+        if frozen and frozen[0] in at:
+            return frozen[0], at[frozen[0]], True
+        if len({v[:3] for v in at.values()}) > 1:
+            r = min(at, key=lambda k: at[k][:3])
+            return r, at[r], False
+        return None
+
+
 def run(cfg: TrainConfig) -> dict | None:
     """Train on this rank (inside torchrun, SLURM, spar's own launcher, or alone for
     ``mode="local"``); return the report on rank 0, ``None`` elsewhere."""
@@ -409,16 +812,18 @@ def run(cfg: TrainConfig) -> dict | None:
     if cfg.mode == "local":
         grid = spar.distributed.Grid.local(torch.device(cfg.device))
     else:
+        _init_restarted_group(cfg)
         grid = spar.distributed.init(
-            sample=a, data=b, timeout=300, backend=dist_backend(cfg.device)
-        )
+            sample=a, data=b, timeout=_group_timeout(cfg), backend=dist_backend(cfg.device),
+        )  # fmt: skip
     rank = _rank()
     if cfg.device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, grid.world_size)))
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    ckpt_path = out / "checkpoint.pt"
+    ckpt_path = out / CHECKPOINT
     try:
+        _agree_across_ranks(cfg)
         if grid.device.type != cfg.device:  # e.g. a process group the caller initialized
             raise ValueError(f"--device {cfg.device}, but the process grid is on {grid.device}")
         if grid.device.type == "cuda":
@@ -429,17 +834,30 @@ def run(cfg: TrainConfig) -> dict | None:
         augment_mode = None if cfg.augment == "none" else cfg.augment
         sp = SampleParallel(model, cfg.samples, grid, seed=cfg.seed, augment=augment_mode)
         opt = torch.optim.Adam(sp.parameters(), lr=cfg.lr)
-        start_epoch = 0
-        if cfg.resume:
-            start_epoch = _restore(sp, opt, load_checkpoint(ckpt_path, map_location=grid.device))
+        start_epoch, keep_previous = 0, True
+        if cfg.resume or _restarted_with_checkpoint(ckpt_path):
+            path, state, note = resume_checkpoint(out)
+            if rank == 0 and note:
+                print(f"spar train: warning: {note}", file=sys.stderr, flush=True)
+            if rank == 0 and _restart_count():
+                print(f"spar train: restart {_restart_count()}: continuing from {path} "
+                      f"(epoch {state['epoch']})", file=sys.stderr, flush=True)  # fmt: skip
+            start_epoch = _restore(sp, opt, state)
+            keep_previous = note is None  # never push the good previous file out
+        if start_epoch >= cfg.epochs and rank == 0:
+            print(f"spar train: {ckpt_path} already holds {start_epoch} epochs (--epochs "
+                  f"{cfg.epochs}): nothing to train; evaluating it", flush=True)  # fmt: skip
         local_batch = cfg.batch_size // grid.data
         sampler = GridSampler(x_tr, grid, shuffle=True, seed=cfg.seed, batch_size=local_batch)
         n_train = len(x_tr)
         progress = Progress(cfg.progress and rank == 0)
         epoch_times: list[float] = []  # wall time of each epoch's steps (no checkpointing)
         step_times: list[float] = []  # of the first epoch this process runs
-        with Telemetry(gpu_index=grid.device.index if grid.device.type == "cuda" else None) as tel:
+        gpu_index = grid.device.index if grid.device.type == "cuda" else None
+        allow = _group_timeout(cfg)
+        with Telemetry(gpu_index=gpu_index) as tel, StallWatch(rank, cfg.timeout, allow) as watch:
             for epoch in range(start_epoch, cfg.epochs):
+                watch.beat(epoch, -1, allow=allow)
                 sp.train()
                 sampler.set_epoch(epoch)
                 order = torch.tensor(list(iter(sampler)))
@@ -449,8 +867,10 @@ def run(cfg: TrainConfig) -> dict | None:
                 loss_sum = 0.0
                 for i, idx in enumerate(batches):
                     t_step = time.perf_counter()
+                    watch.beat(epoch, i, 0)
                     x = _to_device(augment(x_tr[idx], sp.augment_generator), grid.device)
                     y = _to_device(y_tr[idx], grid.device)
+                    watch.beat(epoch, i, 1)
                     outputs = sp(x)  # (S_local, B_local, classes)
                     loss = spar.losses.elbo(
                         outputs, y, kl=spar.nn.kl_divergence(sp), dataset_size=n_train,
@@ -474,9 +894,13 @@ def run(cfg: TrainConfig) -> dict | None:
                     stats = {"loss": loss_sum / seen, "acc": correct / seen, "rate": rate}
                     progress.update(epoch + 1, cfg.epochs, i + 1, len(batches), stats)
                 epoch_times.append(time.perf_counter() - t0)
+                watch.beat(epoch + 1, -1, allow=allow)  # checkpoint, next epoch's set-up
                 state = _checkpoint_state(sp, opt, epoch + 1, cfg)
                 if rank == 0:
-                    save_checkpoint(ckpt_path, state)
+                    with _reason_for_os_errors(f"could not write {ckpt_path}"):
+                        save_checkpoint(ckpt_path, state, keep_previous=keep_previous)
+                    keep_previous = True
+            watch.beat(cfg.epochs, -1, allow=allow)
             report = evaluate(sp, x_te, y_te, x_ood)
         peak, peak_source = _peak_memory(grid.device, tel)
         peaks = _all_gather_object(peak)
@@ -493,10 +917,11 @@ def run(cfg: TrainConfig) -> dict | None:
         report["epochs_run"] = len(epoch_times)
         report["grid"] = {"sample": grid.sample, "data": grid.data, "mode": grid.mode}
         report["config"] = asdict(cfg)
-        files = _plots(out, report)
         public = {k: v for k, v in report.items() if not k.startswith("_")}
-        public["files"] = [*files, "checkpoint.pt", "metrics.json"]
-        (out / "metrics.json").write_text(json.dumps(public, indent=2) + "\n")
+        with _reason_for_os_errors(f"could not write the report to {out}"):
+            files = _plots(out, report)
+            public["files"] = [*files, *([CHECKPOINT] if epoch_times else []), "metrics.json"]
+            atomic_write(out / "metrics.json", json.dumps(public, indent=2) + "\n")
         print(_table(report), flush=True)
         print(f"wrote {', '.join(public['files'])} to {out}", flush=True)
         return public
@@ -505,9 +930,62 @@ def run(cfg: TrainConfig) -> dict | None:
             spar.distributed.shutdown()
 
 
+@contextlib.contextmanager
+def _reason_for_os_errors(what: str):
+    """Re-raise an ``OSError`` (a full disk, a folder gone read-only) as one that says what
+    could not be written and that the last complete checkpoint is intact."""
+    try:
+        yield
+    except OSError as e:
+        message = f"{what}: {e.strerror}; the last complete checkpoint is intact"
+        raise OSError(e.errno, message) from e
+
+
+def _restarted_with_checkpoint(path: Path) -> bool:
+    """True in a rank that an elastic launcher restarted after a failure when this job
+    (the same launcher job id) already wrote a checkpoint: training continues from it."""
+    if not (_restart_count() and path.is_file()):
+        return False
+    try:
+        return load_checkpoint(path).get("job") == _job_id()
+    except CheckpointError:
+        return previous_path(path).is_file()  # damaged: resume_checkpoint falls back
+
+
+# how gloo and NCCL report a peer that died or stopped answering in a collective
+_PEER_LOST = re.compile(r"closed by peer|reset by peer|[Tt]imed out|Broken pipe|NCCL.*abort")
+
+
+def describe_failure(e: BaseException) -> str | None:
+    """One line for an expected failure of a rank (a file that cannot be written, a diverged
+    loss, a peer that died or timed out), ``None`` for anything else (a bug: keep its
+    traceback)."""
+    if isinstance(e, (OSError, FloatingPointError, SetupError, dist.DistError)):
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    if isinstance(e, RuntimeError) and _PEER_LOST.search(str(e)):
+        return "stopped: another rank is gone"
+    return None
+
+
 def _worker(cfg: TrainConfig) -> dict | None:
-    """Entry point of each process started by :func:`launch` (module level: picklable)."""
-    return run(cfg)
+    """Entry point of each process started by :func:`launch` (module level: picklable).
+
+    An expected failure (:func:`describe_failure`) is one line on stderr and exit code 1;
+    anything else keeps its traceback. The launcher process then says where to resume
+    (``spar train``'s ``main``)."""
+    # ^C reaches the whole process group: the launcher says where to resume; a rank just
+    # stops (a checkpoint being written stays a temporary file, deleted by the next run)
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
+    try:
+        return run(cfg)
+    except Exception as e:
+        line = describe_failure(e)
+        if line is None:
+            traceback.print_exc()
+            raise
+        rank = os.environ.get("RANK", "0")
+        print(f"spar train: rank {rank}: {line}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def under_launcher() -> bool:
@@ -518,8 +996,26 @@ def under_launcher() -> bool:
 def launch(cfg: TrainConfig) -> dict | None:
     """Run the job: in this process when already launched (torchrun/SLURM), local, or one
     process (no launcher, no process group: nothing to communicate), otherwise on
-    ``cfg.nproc`` local processes through PyTorch's elastic launcher."""
-    cfg.validate()
+    ``cfg.nproc`` local processes through PyTorch's elastic launcher, which restarts them
+    all (from the last checkpoint) up to ``cfg.max_restarts`` times when one fails.
+
+    First :func:`preflight`; then the process that writes the output (this one, or rank 0
+    under a launcher) takes the folder's lock for the whole run and deletes the temporary
+    files a killed run left there. Raises :class:`SetupError` for anything found before
+    training starts."""
+    writer = spar.distributed.detect_launch_env().rank == 0
+    preflight(cfg, writer=writer)
+    with contextlib.ExitStack() as stack:
+        if writer:
+            try:
+                stack.enter_context(OutputLock(cfg.out))
+            except OutputBusyError as e:
+                raise SetupError(str(e)) from None
+            remove_stale_temps(cfg.out)
+        return _start(cfg)
+
+
+def _start(cfg: TrainConfig) -> dict | None:
     if cfg.mode == "local" or cfg.nproc == 1 or under_launcher():
         return run(cfg)
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -532,11 +1028,32 @@ def launch(cfg: TrainConfig) -> dict | None:
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=cfg.nproc,
-        run_id=f"spar-{port}",
+        run_id=f"spar-{port}-{os.getpid()}-{time.time_ns()}",  # unique: see _job_id
         rdzv_backend="c10d",
         rdzv_endpoint=f"127.0.0.1:{port}",
-        max_restarts=0,
+        max_restarts=cfg.max_restarts,
         start_method="spawn",
     )
-    results = elastic_launch(config, _worker)(cfg)
+    with _quiet_launcher_logs():
+        results = elastic_launch(config, _worker)(cfg)
     return results.get(0)
+
+
+@contextlib.contextmanager
+def _quiet_launcher_logs():
+    """Silence the elastic launcher's own logs for the run (it logs every failed worker with
+    its traceback, and every signal it sends); the workers and ``spar train`` report
+    failures themselves, in one line each."""
+    loggers = [
+        logging.getLogger(name)
+        for name in list(logging.root.manager.loggerDict)
+        if name.startswith(("torch.distributed.elastic", "torch.multiprocessing"))
+    ]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)

@@ -7,7 +7,13 @@ import time
 import pytest
 import torch
 
-from spar.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from spar.checkpoint import (
+    CheckpointError,
+    checksum,
+    load_checkpoint,
+    previous_path,
+    save_checkpoint,
+)
 from spar.telemetry import Telemetry, nvml_devices, rss_bytes
 
 
@@ -22,7 +28,34 @@ def test_roundtrip_and_atomic_replace(tmp_path):
     assert torch.equal(torch.rand(3, generator=g2), torch.rand(3, generator=g))
     save_checkpoint(path, {"step": 8})
     assert load_checkpoint(path)["step"] == 8
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary left
+    assert load_checkpoint(previous_path(path))["step"] == 7  # the replaced file, kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.prev.pt", "ckpt.pt"]  # no temp
+    save_checkpoint(path, {"step": 9}, keep_previous=False)
+    assert load_checkpoint(previous_path(path))["step"] == 7
+
+
+def test_checksum_covers_values_keys_and_structure():
+    base = {"w": torch.arange(6.0).view(2, 3), "epoch": 1, "grid": [2, 1]}
+    digest = checksum(base)
+    assert checksum({**base}) == digest
+    for changed in (
+        {**base, "w": torch.arange(6.0).view(3, 2)},  # same bytes, other shape
+        {**base, "w": torch.arange(6.0).view(2, 3).double()},  # other dtype
+        {**base, "epoch": 2},
+        {**base, "grid": (2, 1)},
+        {"epoch": 1, "w": base["w"], "grid": [2, 1]},  # key order is part of the content
+    ):
+        assert checksum(changed) != digest
+    assert checksum({**base, "sha256": "anything"}) == digest  # its own entry is left out
+
+
+def test_version_1_files_still_load(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"format": "spar-checkpoint", "version": 1, "epoch": 3}, path)
+    assert load_checkpoint(path)["epoch"] == 3
+    torch.save({"format": "spar-checkpoint", "version": 9}, path)
+    with pytest.raises(CheckpointError, match="version 9; this spar reads 1 and 2"):
+        load_checkpoint(path)
 
 
 def test_failed_write_keeps_old_checkpoint(tmp_path):
@@ -36,7 +69,7 @@ def test_failed_write_keeps_old_checkpoint(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         save_checkpoint(path, {"step": 2, "bad": Unpicklable()})
     assert load_checkpoint(path)["step"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary, no .prev
 
 
 def test_corrupt_and_foreign_files(tmp_path):

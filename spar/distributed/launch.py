@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
+import queue as queue_module
 import socket
 import time
 import traceback
@@ -37,10 +39,18 @@ def _child(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple
         MASTER_PORT=str(port),
     )
     try:
-        queue.put((rank, True, fn(*args)))
+        result = fn(*args)
     except BaseException:  # report everything, including KeyboardInterrupt, to the parent
         queue.put((rank, False, traceback.format_exc()))
         raise
+    try:
+        # by value, with the plain pickler: the queue's own would send a tensor as a handle
+        # to this process's shared memory, which is gone once the child exits
+        payload = pickle.dumps(result)
+    except Exception as e:  # noqa: BLE001 - whatever pickling raises, the parent hears of it
+        queue.put((rank, False, f"its result cannot be sent back ({type(e).__name__}: {e})"))
+        return
+    queue.put((rank, True, payload))
 
 
 def spawn(
@@ -54,8 +64,9 @@ def spawn(
 ) -> list[Any]:
     """Run ``fn(*args)`` on ``nprocs`` fresh processes; return their results by rank.
 
-    Raises ``RuntimeError`` with every failing rank's traceback if any rank raises, and
-    terminates all children if they do not finish within ``timeout`` seconds.
+    Results travel back pickled by value (tensors included). Raises ``RuntimeError`` with
+    every failing rank's traceback if any rank raises or returns something that cannot be
+    pickled, and terminates all children if they do not finish within ``timeout`` seconds.
 
     ``start_method="forkserver"`` forks every rank from a server process that imported the
     modules in ``preload`` (by name, e.g. ``("torch", "spar")``) once: still fresh
@@ -88,10 +99,10 @@ def spawn(
                 raise TimeoutError(f"spawned ranks did not finish within {timeout} s")
             try:
                 rank, ok, value = queue.get(timeout=min(left, 1.0))
-                results[rank] = (ok, value)
+                results[rank] = (ok, pickle.loads(value) if ok else value)
                 if not ok:
                     break  # the others may now be stuck in a collective: stop them below
-            except Exception:  # queue.Empty: check whether a child died without reporting
+            except queue_module.Empty:  # check whether a child died without reporting
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
                 if dead and all(r not in results for r in dead):
                     raise RuntimeError(f"rank(s) {dead} exited without a result") from None

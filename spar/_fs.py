@@ -62,9 +62,9 @@ def atomic_open(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
-        # mkstemp makes the file private (0600): give it the mode open() would have
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # owns fd from here: closed on every path
+            # mkstemp makes the file private (0600): give it the mode open() would have
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -138,8 +138,11 @@ class OutputLock:
                 f"{self.path.parent} is in use by another run (process {holder}); "
                 "wait for it or choose another --out"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}: {' '.join(sys.argv)}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}: {' '.join(sys.argv)}\n".encode(), 0)
+        except OSError:  # a full disk: the lock holds, only the holder's name is missing
+            pass
         self._fd = fd
         return self
 

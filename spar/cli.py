@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=_positive_float,
         metavar="SEC",
-        help=f"how long the ranks wait for a missing rank (default {DEFAULT_TIMEOUT:.0f} s)",
+        help="how long a step may wait for a stalled rank before the job ends, naming it "
+        "(default: 20x the slowest step so far, at least 60 s; the first step, start-up and "
+        f"epoch ends get at least {DEFAULT_TIMEOUT:.0f} s)",
     )
     t.add_argument(
         "--max-restarts",
@@ -489,6 +491,8 @@ def _config_value(action: argparse.Action, key: str, value, path: Path):
             raise ValueError(f"{where}: {e}") from None
         except ValueError:
             raise ValueError(f"{where}: expected an integer, got {value!r}") from None
+    elif action.choices is None and not isinstance(value, str):  # a path, a name
+        raise ValueError(f"{where}: expected a string, got {value!r}")
     if action.choices is not None and value not in action.choices:
         allowed = ", ".join(map(str, action.choices))
         raise ValueError(f"{where} must be one of {allowed}; got {value!r}")
@@ -547,8 +551,10 @@ def main(argv: list[str] | None = None) -> int:
     return _run_train(cfg, parser)
 
 
-class _Terminated(Exception):
-    """SIGTERM, raised in the main thread so that the run unwinds (and unlocks) as for ^C."""
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the run unwinds (and unlocks) as for ^C.
+    A ``BaseException``, like ``KeyboardInterrupt``: no ``except Exception`` on the way
+    (a monitoring call, a checkpoint load) may swallow it or turn it into another error."""
 
 
 def _on_sigterm(signum, frame):
@@ -556,12 +562,12 @@ def _on_sigterm(signum, frame):
 
 
 def _where_to_resume(cfg) -> str:
-    from spar.checkpoint import CheckpointError, load_checkpoint
-    from spar.train import CHECKPOINT
+    from spar.checkpoint import CheckpointError
+    from spar.train import resume_checkpoint
 
-    path = Path(cfg.out) / CHECKPOINT
-    try:
-        epoch = load_checkpoint(path)["epoch"]
+    try:  # what --resume would take: checkpoint.pt, or the previous one if it is damaged
+        path, state, _ = resume_checkpoint(cfg.out)
+        epoch = state["epoch"]
     except (CheckpointError, KeyError):
         return "no checkpoint was written yet"
     return f"the last checkpoint is {path} (epoch {epoch}); to continue, add --resume"

@@ -87,6 +87,24 @@ def _nvml_handle(pynvml, cuda_index: int):
     return pynvml.nvmlDeviceGetHandleByIndex(cuda_index)
 
 
+def gpu_free_bytes(cuda_index: int) -> int | None:
+    """Free memory of CUDA device ``cuda_index`` (torch's numbering) as NVML reports it, or
+    ``None`` where NVML cannot tell. Unlike ``torch.cuda.mem_get_info`` it creates no CUDA
+    context (a few hundred MiB that would stay on that GPU for the life of the process)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no pynvml, no driver
+        return None
+    try:
+        return int(pynvml.nvmlDeviceGetMemoryInfo(_nvml_handle(pynvml, cuda_index)).free)
+    except Exception:  # noqa: BLE001 - no such device, a query NVML refuses
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
 @dataclass
 class Summary:
     seconds: float = 0.0

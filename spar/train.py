@@ -59,7 +59,7 @@ from spar._fs import OutputBusyError, OutputLock, atomic_write, check_writable, 
 from spar.checkpoint import CheckpointError, load_checkpoint, previous_path, save_checkpoint
 from spar.data import GridSampler
 from spar.distributed import SampleParallel
-from spar.telemetry import Telemetry
+from spar.telemetry import Telemetry, gpu_free_bytes
 
 MODES = ("sp", "ddp", "hybrid", "local")
 LOSSES = ("mean_samples", "mixture")
@@ -127,9 +127,7 @@ class TrainConfig:
         """Raise ``ValueError`` with a one-line message for any inconsistent option."""
         for name in ("nproc", "samples", "batch_size", "epochs"):
             if getattr(self, name) < 1:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
-                )
+                raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
         for name, allowed in (("mode", MODES), ("loss", LOSSES), ("augment", AUGMENTS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -399,6 +397,8 @@ def check_resume(state: dict, cfg: TrainConfig, path: Path) -> None:
     for key in expected:
         if key not in got:
             raise SetupError(f"{path} is not a checkpoint of this model: it has no {key!r}")
+        if not isinstance(got[key], torch.Tensor):
+            raise SetupError(f"{path}: {key!r} is a {type(got[key]).__name__}, not a tensor")
         if tuple(got[key].shape) != tuple(expected[key].shape):
             raise SetupError(
                 f"{path} is not a checkpoint of this model: {key!r} has shape "
@@ -471,8 +471,10 @@ def memory_estimate(cfg: TrainConfig) -> int:
 def memory_limit(cfg: TrainConfig) -> tuple[int, str] | None:
     """``(bytes, what)`` one rank may use: free memory of a GPU, or the machine's available
     memory shared by its local ranks; ``None`` where it cannot be read."""
-    if cfg.device == "cuda":
-        return int(torch.cuda.mem_get_info(0)[0]), "free on GPU 0"
+    if cfg.device == "cuda":  # this rank's GPU (the launcher: the first one's)
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        free = gpu_free_bytes(index)
+        return None if free is None else (free, f"free on GPU {index}")
     try:
         with open("/proc/meminfo") as f:
             fields = dict(line.split(":", 1) for line in f)
@@ -787,8 +789,11 @@ class StallWatch:
         def read(key: str) -> dict:
             out = {}
             for r in range(self._world):
-                with contextlib.suppress(Exception):  # no such key yet, or the store is gone
-                    out[r] = self._store.get(f"{self._prefix}{key}/{r}").decode()
+                name = f"{self._prefix}{key}/{r}"
+                with contextlib.suppress(Exception):  # the store is gone
+                    # check first: get() of a key not set yet waits out the store's timeout
+                    if self._store.check([name]):
+                        out[r] = self._store.get(name).decode()
             return out
 
         at = {r: v.split() for r, v in read("at").items()}
@@ -947,9 +952,10 @@ def _restarted_with_checkpoint(path: Path) -> bool:
     if not (_restart_count() and path.is_file()):
         return False
     try:
-        return load_checkpoint(path).get("job") == _job_id()
+        _, state, _ = resume_checkpoint(path.parent)  # a damaged file: the previous one
     except CheckpointError:
-        return previous_path(path).is_file()  # damaged: resume_checkpoint falls back
+        return False
+    return state.get("job") == _job_id()
 
 
 # how gloo and NCCL report a peer that died or stopped answering in a collective

@@ -208,6 +208,7 @@ def test_resume_refuses_what_changes_the_experiment(tmp_path):
         ),  # fmt: skip
         (lambda s: s["optimizer"]["param_groups"][0]["params"].pop(), "optimizer state"),
         (lambda s: s["augment_states"].append(None), "holds 2 states for a 1x1 grid"),
+        (lambda s: s["model"].update({"model.0.weight_mu": [1.0]}), "is a list, not a tensor"),
     ],
 )
 def test_resume_refuses_a_checkpoint_that_does_not_fit(tmp_path, damage, message):
@@ -242,12 +243,31 @@ def test_cli_resume_errors_are_one_line(tmp_path, capsys):
         ('mode = "pipeline"', "mode must be one of sp, ddp, hybrid, local; got 'pipeline'"),
         ("samples = [2]", "samples: expected a single value"),
         ("seed = 1.5", "seed: expected an integer, got 1.5"),
+        ("out = 5", "out: expected a string, got 5"),
     ],
 )
 def test_toml_values_follow_the_command_line_rules(tmp_path, capsys, text, message):
     cfg = tmp_path / "run.toml"
     cfg.write_text(text + "\n")
     _train_exit(["--config", str(cfg)], capsys, 2, message)
+
+
+def test_where_to_resume_names_the_file_resume_would_take(tmp_path):
+    cfg = _cfg(tmp_path)
+    assert cli._where_to_resume(cfg) == "no checkpoint was written yet"
+    state = _state(cfg)
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    save_checkpoint(tmp_path / "checkpoint.pt", {**state, "epoch": 2})
+    assert "checkpoint.pt (epoch 2)" in cli._where_to_resume(cfg)
+    weights = state["model"]["model.6.weight_mu"].numpy().tobytes()
+    _flip(tmp_path / "checkpoint.pt", (tmp_path / "checkpoint.pt").read_bytes().find(weights))
+    # damaged: the previous file, which --resume falls back to
+    assert f"{previous_path(tmp_path / 'checkpoint.pt')} (epoch 1)" in cli._where_to_resume(cfg)
+
+
+def test_sigterm_is_not_an_exception():
+    # a BaseException, so no `except Exception` on the main thread swallows it
+    assert not issubclass(cli._Terminated, Exception)
 
 
 def test_toml_values_parse_like_flags(tmp_path):

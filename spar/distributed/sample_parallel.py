@@ -35,13 +35,13 @@ from torch import Tensor, nn
 from spar.distributed.collectives import all_gather_samples, broadcast_tensors
 from spar.distributed.grid import Grid, make_grid
 from spar.distributed.reducer import Reducer, StepTimings
-from spar.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, Dropout, MonteCarlo, is_bayesian
+from spar.nn import Dropout, MonteCarlo, is_bayesian
+from spar.nn.norm import SAMPLE_BATCH_NORMS
 
 __all__ = ["AUGMENT_MODES", "SampleParallel", "augment_seed"]
 
 AUGMENT_MODES = ("independent", "shared", "none")
 _MASK64 = (1 << 64) - 1
-_SAMPLE_WISE_NORMS = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
 
 
 def _grid_dependent_modules(model: nn.Module) -> list[str]:
@@ -51,7 +51,7 @@ def _grid_dependent_modules(model: nn.Module) -> list[str]:
     return [
         name or type(m).__name__
         for name, m in model.named_modules()
-        if isinstance(m, torch_kinds) and not isinstance(m, (*_SAMPLE_WISE_NORMS, Dropout))
+        if isinstance(m, torch_kinds) and not isinstance(m, (*SAMPLE_BATCH_NORMS, Dropout))
     ]
 
 
@@ -201,7 +201,7 @@ class SampleParallel(nn.Module):
         # the sample-wise BatchNorms reduce their statistics over the ranks holding other
         # rows of the same samples, and average their running statistics over the sample
         # axis after every training step (see the module docstring)
-        self._norms = [m for m in model.modules() if isinstance(m, _SAMPLE_WISE_NORMS)]
+        self._norms = [m for m in model.modules() if isinstance(m, SAMPLE_BATCH_NORMS)]
         if grid.data > 1:
             for m in self._norms:
                 m.process_group = grid.data_group

@@ -26,6 +26,7 @@ import torch
 import spar.distributed as sd
 from spar import cli
 from spar._fs import OutputBusyError, OutputLock, atomic_write, check_writable, remove_stale_temps
+from spar._watch import StallWatch
 from spar.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -34,7 +35,6 @@ from spar.checkpoint import (
 )
 from spar.train import (
     SetupError,
-    StallWatch,
     TrainConfig,
     _agree_across_ranks,
     _checkpoint_state,

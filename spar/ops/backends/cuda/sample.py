@@ -264,39 +264,11 @@ def _check_sampled(x: Tensor, mu: Tensor | None, rho: Tensor) -> None:
     check_tensors(mu, rho, dtypes=PARAM_DTYPES, what="parameters")
 
 
-def sampled_linear_forward(x: Tensor, mu: Tensor | None, rho: Tensor, key: NoiseKey, pid: int,
-                           shared: int) -> Tensor:  # fmt: skip
-    """x ``(S*B, K)`` or shared ``(B, K)`` -> ``(S*B, N)``; cuBLAS GEMMs per chunk."""
-    _check_sampled(x, mu, rho)
-    return sampled.linear_forward(x, mu, rho, key, pid, shared, make_sampler=CudaSampler)
-
-
-def sampled_linear_backward(dy: Tensor, x: Tensor, mu: Tensor | None, rho: Tensor,
-                            key: NoiseKey, pid: int, shared: int,
-                            needs: tuple[bool, ...]) -> tuple:  # fmt: skip
-    """``(dx, grad_mu, grad_rho)``."""
-    _check_sampled(x, mu, rho)
-    return sampled.linear_backward(dy.to(x.dtype), x, mu, rho, key, pid, shared, needs,
-                                   make_sampler=CudaSampler)  # fmt: skip
-
-
-def sampled_conv_forward(x: Tensor, mu: Tensor | None, rho: Tensor, key: NoiseKey, pid: int,
-                         shared: int, groups: int, *geometry: int) -> Tensor:  # fmt: skip
-    """x ``(S*B, C, *sp)`` or shared ``(B, C, *sp)`` -> ``(S*B, O, *sp_out)``; ``geometry``:
-    stride, padding, dilation (``nd`` ints each); cuDNN per chunk."""
-    _check_sampled(x, mu, rho)
-    return sampled.conv_forward(x, mu, rho, key, pid, shared, groups, *geometry,
-                                make_sampler=CudaSampler)  # fmt: skip
-
-
-def sampled_conv_backward(dy: Tensor, x: Tensor, mu: Tensor | None, rho: Tensor,
-                          key: NoiseKey, pid: int, shared: int, groups: int,
-                          *rest) -> tuple:  # fmt: skip
-    """``rest``: the geometry of :func:`sampled_conv_forward`, then ``needs``; returns
-    ``(dx, grad_mu, grad_rho)``."""
-    _check_sampled(x, mu, rho)
-    return sampled.conv_backward(dy.to(x.dtype), x, mu, rho, key, pid, shared, groups, *rest,
-                                 make_sampler=CudaSampler)  # fmt: skip
+# the chunk loops of the torch backend with this sampler (cuBLAS GEMMs and cuDNN
+# convolutions per chunk), after the checks above
+_PRIMITIVES = sampled.sampler_primitives(CudaSampler, _check_sampled)
+sampled_linear_forward, sampled_linear_backward = _PRIMITIVES["sampled_linear"]
+sampled_conv_forward, sampled_conv_backward = _PRIMITIVES["sampled_conv"]
 
 
 def normal_forward(like: Tensor, key: NoiseKey, pid: int, *shape: int) -> Tensor:

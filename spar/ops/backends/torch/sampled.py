@@ -21,7 +21,7 @@ output channels, and its gradient is the sum over samples.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -205,3 +205,36 @@ def conv_backward(dy: Tensor, x: Tensor, mu: Tensor | None, rho: Tensor, key: No
     if dx is not None and not shared:
         dx = dx.flatten(0, 1)
     return dx, *sampler.grads()
+
+
+# --- the primitives of a backend that supplies only a sampler -----------------------------
+
+
+def sampler_primitives(make_sampler: type, check: Callable[[Tensor, Tensor | None, Tensor], None]
+                       ) -> dict[str, tuple[Callable, Callable]]:  # fmt: skip
+    """``{"sampled_linear": (forward, backward), "sampled_conv": (forward, backward)}`` of a
+    backend whose whole contribution is its sampler: the chunk loops above with
+    ``make_sampler``, after the backend's input check ``check(x, mu, rho)``; ``dy`` is cast
+    to the activations' dtype. Signatures as :func:`linear_forward` / :func:`conv_forward`
+    without ``make_sampler`` (see :mod:`spar.ops.library` for how they are registered)."""
+
+    def linear_fwd(x, mu, rho, key, pid, shared):
+        check(x, mu, rho)
+        return linear_forward(x, mu, rho, key, pid, shared, make_sampler=make_sampler)
+
+    def linear_bwd(dy, x, mu, rho, key, pid, shared, needs):
+        check(x, mu, rho)
+        return linear_backward(dy.to(x.dtype), x, mu, rho, key, pid, shared, needs,
+                               make_sampler=make_sampler)  # fmt: skip
+
+    def conv_fwd(x, mu, rho, key, pid, shared, groups, *geometry):
+        check(x, mu, rho)
+        return conv_forward(x, mu, rho, key, pid, shared, groups, *geometry,
+                            make_sampler=make_sampler)  # fmt: skip
+
+    def conv_bwd(dy, x, mu, rho, key, pid, shared, groups, *rest):
+        check(x, mu, rho)
+        return conv_backward(dy.to(x.dtype), x, mu, rho, key, pid, shared, groups, *rest,
+                             make_sampler=make_sampler)  # fmt: skip
+
+    return {"sampled_linear": (linear_fwd, linear_bwd), "sampled_conv": (conv_fwd, conv_bwd)}

@@ -19,28 +19,12 @@ the noise comes from.
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from spar.ops.backends.torch import sampled
 from spar.ops.backends.triton._utils import check_sampled
 from spar.ops.backends.triton.sample import TritonSampler
-from spar.rng import NoiseKey
 
-
-def sampled_conv_forward(x: Tensor, mu: Tensor | None, rho: Tensor, key: NoiseKey, pid: int,
-                         shared: int, groups: int, *geometry: int) -> Tensor:  # fmt: skip
-    """x ``(S*B, C, *sp)`` or shared ``(B, C, *sp)`` -> ``(S*B, O, *sp_out)``, contiguous;
-    ``geometry``: stride, padding, dilation (``nd`` ints each)."""
-    check_sampled(x, mu, rho)
-    return sampled.conv_forward(x, mu, rho, key, pid, shared, groups, *geometry,
-                                make_sampler=TritonSampler)  # fmt: skip
-
-
-def sampled_conv_backward(dy: Tensor, x: Tensor, mu: Tensor | None, rho: Tensor,
-                          key: NoiseKey, pid: int, shared: int, groups: int,
-                          *rest) -> tuple:  # fmt: skip
-    """``rest``: the geometry of :func:`sampled_conv_forward`, then ``needs``; returns
-    ``(dx, grad_mu, grad_rho)``."""
-    check_sampled(x, mu, rho)
-    return sampled.conv_backward(dy.to(x.dtype), x, mu, rho, key, pid, shared, groups, *rest,
-                                 make_sampler=TritonSampler)  # fmt: skip
+# forward x ``(S*B, C, *sp)`` or shared ``(B, C, *sp)`` -> ``(S*B, O, *sp_out)``, contiguous
+# (geometry: stride, padding, dilation, ``nd`` ints each); backward -> (dx, grad_mu, grad_rho)
+sampled_conv_forward, sampled_conv_backward = sampled.sampler_primitives(
+    TritonSampler, check_sampled
+)["sampled_conv"]

@@ -3,7 +3,8 @@ launch on torch's current stream, tensors passed by device pointer.
 
 * Compile: the first launch on a device builds ``cupy.RawModule(code=source.assemble(),
   options=source.NVRTC_OPTIONS)`` under that device and looks up every kernel, so NVRTC
-  compiles once per process and device (about a second), for the device's architecture;
+  compiles once per process and device (the NVRTC part: about 0.5 s, ``bench/README.md``),
+  for the device's architecture;
   CuPy's on-disk kernel cache (``~/.cupy/kernel_cache``, ``CUPY_CACHE_DIR``) makes later
   processes load the binary instead. A compile error is raised with NVRTC's log, whose
   messages name the ``.cu``/``.cuh`` file and line (:mod:`.source`).
@@ -91,7 +92,8 @@ def _stream(m: _Module, device: torch.device):
             s = stream_cls.from_external(_StreamHandle(ptr))
         else:
             s = m.cupy.cuda.ExternalStream(ptr, device.index)
-        _streams[key] = s
+        with _lock:
+            s = _streams.setdefault(key, s)  # another thread may have wrapped it first
     return s
 
 

@@ -87,6 +87,7 @@ def _worker(curve_path: str, train_argv: list[str]) -> int:
     import torch.distributed as dist
 
     import spar.train as T
+    from spar._job import evaluate, load_data
     from spar.cli import main
 
     original = T._checkpoint_state
@@ -95,11 +96,10 @@ def _worker(curve_path: str, train_argv: list[str]) -> int:
     def hooked(sp, opt, epoch, cfg):
         state = original(sp, opt, epoch, cfg)  # taken before evaluating (nothing changes)
         if "data" not in cache:
-            cache["data"] = T.digits_splits(cfg.seed)
-        _, (x_te, y_te), x_ood = cache["data"]
+            cache["data"] = load_data(cfg)
         was_training = sp.training
         t0 = time.perf_counter()
-        report = T.evaluate(sp, x_te, y_te, x_ood)
+        report = evaluate(sp, cache["data"])
         sp.train(was_training)
         rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0:
@@ -128,6 +128,10 @@ def train_argv(arm: str, seed: int, epochs: int, out: Path) -> list[str]:
         "--out",
         str(out),
         "--no-progress",
+        # the recorded study trained on all of digits 0-7's training part (no validation
+        # split was carved out then); this hook evaluates on the test split
+        "--val-fraction",
+        "0",
     ]
 
 
@@ -176,7 +180,8 @@ def plain_default_run(out: Path, timeout: float = 900.0) -> dict:
     """``spar train --no-progress --out OUT`` as a user runs it (spar launches its ranks)."""
     if out.exists():
         shutil.rmtree(out)
-    cmd = [sys.executable, "-m", "spar", "train", "--no-progress", "--out", str(out)]
+    cmd = [sys.executable, "-m", "spar", "train", "--no-progress", "--val-fraction", "0"]
+    cmd += ["--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"plain spar train failed:\n{(proc.stdout + proc.stderr)[-3000:]}")

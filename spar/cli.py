@@ -1,9 +1,12 @@
-"""Command line: ``spar train`` (the main job), ``spar plan`` (which grid) and ``spar info``.
+"""Command line: ``spar train`` (the main job), ``spar eval`` (a checkpoint's predictive),
+``spar plan`` (which grid) and ``spar info``.
 
 ``spar train`` with no options trains a Bayesian CNN on scikit-learn's digits 0-7 with
 sampling parallelism over 2 local CPU processes (spar launches them itself through
 PyTorch's elastic launcher unless it already runs under torchrun or SLURM), and reports
 accuracy, calibration and how well its uncertainty flags the unseen digits 8 and 9.
+``--dataset cifar10|npz`` and ``--model resnet20|vit-tiny|mlp|timm:NAME`` train other data
+and models; ``spar eval --checkpoint OUT/checkpoint.pt`` evaluates a saved run.
 Every option can also come from a TOML config file (``--config``; command-line flags
 win; its values follow the same rules). Bad input, and everything that can be checked
 before the ranks start (see :func:`spar.train.preflight`), ends with a one-line error and
@@ -25,7 +28,9 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from spar.datasets import DATASETS
 from spar.distributed.plan import OPTIMIZERS
+from spar.models import MODELS
 from spar.train import AUGMENTS, DEFAULT_TIMEOUT, LOSSES, MODES, TrainConfig
 
 _DEFAULTS = TrainConfig()
@@ -99,15 +104,48 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="spar", description="Fast, memory-lean Bayesian deep learning.")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{train,plan,info}", parser_class=_Parser
+        dest="command", required=True, metavar="{train,eval,plan,info}", parser_class=_Parser
     )
     t = sub.add_parser(
         "train",
-        help="train a Bayesian CNN with sampling parallelism (default: digits, 2 CPU ranks)",
+        help="train a Bayesian network with sampling parallelism (default: digits, 2 CPU ranks)",
         description=__doc__.split("\n\n")[1].replace("\n", " "),
     )
     d = _DEFAULTS
     t.add_argument("--config", type=Path, help="TOML file with any of the options below")
+    data = t.add_argument_group("data and model")
+    data.add_argument(
+        "--dataset", choices=DATASETS, help=f"(default {d.dataset}: scikit-learn's, built in)"
+    )
+    data.add_argument(
+        "--data-dir",
+        metavar="PATH",
+        help="cifar10: the folder of its python batches (cifar-10-batches-py, or its parent); "
+        "npz: the .npz file with x_train, y_train, x_test, y_test and optionally x_ood",
+    )
+    data.add_argument(
+        "--model",
+        type=_model_name,
+        help=f"{', '.join(MODELS)} or timm:NAME (needs timm) (default {d.model})",
+    )
+    data.add_argument(
+        "--ood-classes",
+        metavar="IDS",
+        help="classes held out of training and test as out-of-distribution inputs, e.g. 8,9; "
+        "none for none (default: 8,9 for digits, none otherwise)",
+    )
+    data.add_argument(
+        "--ood",
+        metavar="PATH",
+        help="a second dataset as OOD inputs: an .npz (its x_ood, else x_test) or a "
+        "CIFAR-10 folder (its test batch)",
+    )
+    data.add_argument(
+        "--val-fraction",
+        type=_float,
+        help="share of the training data held out for the per-epoch validation in "
+        f"history.csv (default {d.val_fraction}; 0: none)",
+    )
     t.add_argument("--nproc", type=_count, help=f"processes (default {d.nproc})")
     t.add_argument("--mode", choices=MODES, help=f"parallelism (default {d.mode})")
     t.add_argument("--sample-axis", type=_count, help="sample axis size (hybrid)")
@@ -153,9 +191,55 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="start even where the estimated memory of a step exceeds what is available",
     )
+    _add_eval_parser(sub)
     _add_plan_parser(sub)
     sub.add_parser("info", help="versions, working backends, GPUs")
     return parser
+
+
+def _model_name(text: str) -> str:
+    if text in MODELS or (text.startswith("timm:") and len(text) > 5):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"unknown model {text!r}: choose {', '.join(MODELS)} or timm:NAME"
+    )
+
+
+def _add_eval_parser(sub) -> None:
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint of spar train: metrics, plots, per-example predictions",
+        description="Evaluate the full predictive (all S weight samples) of a spar train "
+        "checkpoint on its test set (and OOD set): the checkpoint carries its config, so no "
+        "other option is needed. Writes metrics.json, reliability.png, uncertainty.png and "
+        "predictions.npz (predicted class, mean probabilities, predictive entropy and mutual "
+        "information per example).",
+    )
+    e.add_argument("--checkpoint", required=True, metavar="PATH", help="OUT/checkpoint.pt")
+    e.add_argument("--data-dir", metavar="PATH", help="where the data lies now (cifar10, npz)")
+    e.add_argument("--ood", metavar="PATH", help="OOD inputs (see spar train --help)")
+    e.add_argument("--samples", type=_count, help="weight samples S (default: the checkpoint's)")
+    e.add_argument("--nproc", type=_count, default=1, help="processes (default 1)")
+    e.add_argument("--mode", choices=MODES, help="parallelism (default: local for 1, else sp)")
+    e.add_argument("--sample-axis", type=_count, help="sample axis size (hybrid)")
+    e.add_argument("--data-axis", type=_count, help="data axis size (hybrid)")
+    e.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default cpu)")
+    e.add_argument("--out", help="output folder (default: eval/ beside the checkpoint)")
+
+
+def _run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``spar eval``: anything wrong before the evaluation starts is one line and exit 2."""
+    from spar._job import SetupError
+    from spar.evaluation import EvalConfig, launch
+
+    values = {f.name: getattr(args, f.name) for f in fields(EvalConfig)}
+    try:
+        launch(EvalConfig(**values))
+    except SetupError as e:
+        parser.exit(2, f"spar eval: error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "spar eval: stopped by SIGINT\n")
+    return 0
 
 
 def _add_plan_parser(sub) -> None:
@@ -539,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "plan":
         return _run_plan(args, parser)
+    if args.command == "eval":
+        return _run_eval(args, parser)
     if args.command == "info":
         from spar.info import collect, render
 

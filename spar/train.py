@@ -1,16 +1,21 @@
-"""The main job: sampling-parallel training of a Bayesian CNN with uncertainty report.
+"""The main job: sampling-parallel training of a Bayesian network with uncertainty report.
 
-Built-in default: scikit-learn's digits (8x8 images, shipped with the package), trained on
-the digits 0-7; the digits 8 and 9 are held out as out-of-distribution inputs, so the
-report can say how well the model's uncertainty separates what it knows from what it
-never saw (OOD AUROC by mutual information and by predictive entropy).
+Built-in default: scikit-learn's digits (8x8 images, shipped with the package) and a small
+CNN, trained on the digits 0-7; the digits 8 and 9 are held out as out-of-distribution
+inputs, so the report can say how well the model's uncertainty separates what it knows from
+what it never saw (OOD AUROC by mutual information and by predictive entropy). ``dataset``
+(digits, CIFAR-10 from its python batches, the user's own ``.npz`` arrays), ``model``
+(:data:`spar.models.MODELS` or ``timm:NAME``) and the OOD set are options
+(:mod:`spar.datasets`, :mod:`spar.models`); a checkpoint carries them in its config.
 
 Every rank runs :func:`run`. The ``S`` Monte Carlo samples of a step are split over the
 sample axis of the grid, the batch over the data axis (:class:`SampleParallel`,
-:class:`GridSampler`); rank 0 prints progress and writes ``metrics.json``, the plots and
-the checkpoint. A checkpoint is written atomically at the end of every epoch and holds
-model (with the step counter that keys the noise), optimizer and every rank's
-augmentation generator, so ``resume`` continues bit-identically on the same grid.
+:class:`GridSampler`); rank 0 prints progress and writes ``metrics.json``, the plots,
+``history.csv`` (one row per epoch, with the validation split's metrics), ``training.png``
+and the checkpoint. A checkpoint is written atomically at the end of every epoch and holds
+model (with the step counter that keys the noise), optimizer, every rank's augmentation
+generator and the config, so ``resume`` continues bit-identically on the same grid and
+``spar eval`` (:mod:`spar.evaluation`) rebuilds the model and the data from it alone.
 
 Faults (issue 14): :func:`preflight` checks, before any rank starts, everything that can
 fail later (options, a writable ``out``, the checkpoint to resume against the model and the
@@ -52,8 +57,27 @@ import torch.distributed as dist
 from torch import nn
 
 import spar
-from spar import metrics
-from spar._fs import OutputBusyError, OutputLock, atomic_write, check_writable, remove_stale_temps
+from spar import datasets
+from spar import report as rep
+from spar._fs import OutputBusyError, OutputLock, check_writable, remove_stale_temps
+from spar._job import (
+    SetupError,
+    build_model,
+    dist_backend,
+    evaluate,
+    load_data,
+    print_report,
+    public,
+    validation,
+    write_metrics,
+    write_report,
+)
+from spar._job import all_gather_object as _all_gather_object
+from spar._job import flag as _flag
+from spar._job import peak_memory as _peak_memory
+from spar._job import rank as _rank
+from spar._job import reason_for_os_errors as _reason_for_os_errors
+from spar._job import to_device as _to_device
 from spar._watch import StallWatch, job_id, restart_count
 from spar.checkpoint import CheckpointError, load_checkpoint, previous_path, save_checkpoint
 from spar.data import GridSampler
@@ -63,21 +87,15 @@ from spar.telemetry import Telemetry, gpu_free_bytes
 MODES = ("sp", "ddp", "hybrid", "local")
 LOSSES = ("mean_samples", "mixture")
 AUGMENTS = ("independent", "shared", "none")
-IN_CLASSES = 8  # digits 0-7 in distribution, 8-9 out of distribution
 CHECKPOINT = "checkpoint.pt"
+HISTORY = "history.csv"
 # the options that define the experiment: a resumed run must keep them; epochs, the grid
-# shape (nproc, mode, axes), the device and the output options may change
-EXPERIMENT = ("seed", "samples", "batch_size", "lr", "kl_weight", "init_sigma", "loss", "augment")
+# shape (nproc, mode, axes), the device, where the data lies and the output options may change
+EXPERIMENT = (
+    "seed", "samples", "batch_size", "lr", "kl_weight", "init_sigma", "loss", "augment",
+    "dataset", "model", "ood_classes", "val_fraction",
+)  # fmt: skip
 DEFAULT_TIMEOUT = 300.0  # seconds the ranks wait for each other at start-up and epoch ends
-
-
-class SetupError(ValueError):
-    """A problem found before training starts (an option, the output folder, the checkpoint
-    to resume, memory, ranks that disagree): ``spar train`` prints it as one line, exit 2."""
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -85,6 +103,12 @@ class TrainConfig:
     """Every option of ``spar train`` (CLI flags and config-file keys use these names,
     with ``-`` for ``_`` on the command line)."""
 
+    dataset: str = "digits"
+    data_dir: str | None = None
+    model: str = "cnn"
+    ood_classes: str | None = None
+    ood: str | None = None
+    val_fraction: float = 0.1
     nproc: int = 2
     mode: str = "sp"
     sample_axis: int | None = None
@@ -148,6 +172,12 @@ class TrainConfig:
             raise ValueError(f"--init-sigma must be > 0, got {self.init_sigma}")
         if self.timeout is not None and not (self.timeout > 0 and math.isfinite(self.timeout)):
             raise ValueError(f"--timeout must be a positive number of seconds, got {self.timeout}")
+        if self.dataset not in datasets.DATASETS:
+            raise ValueError(
+                f"--dataset must be one of {', '.join(datasets.DATASETS)}; got {self.dataset!r}"
+            )
+        if not (0 <= self.val_fraction <= 0.5):
+            raise ValueError(f"--val-fraction must be in [0, 0.5], got {self.val_fraction}")
         if self.max_restarts < 0:
             raise ValueError(f"--max-restarts must be >= 0, got {self.max_restarts}")
         if self.mode != "hybrid" and (self.sample_axis or self.data_axis):
@@ -167,120 +197,7 @@ class TrainConfig:
             )
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def digits_splits(seed: int = 0, test_fraction: float = 0.2):
-    """``(x_train, y_train), (x_test, y_test), x_ood`` as float ``(N, 1, 8, 8)`` in [0, 1].
-
-    Digits 0-7 are split reproducibly (fixed by ``seed``) into train and test; every 8
-    and 9 goes to the out-of-distribution set.
-    """
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.int64)
-    ood = y >= IN_CLASSES
-    x_in, y_in = x[~ood], y[~ood]
-    perm = torch.randperm(len(x_in), generator=torch.Generator().manual_seed(seed))
-    n_test = int(len(x_in) * test_fraction)
-    test, train = perm[:n_test], perm[n_test:]
-    return (x_in[train], y_in[train]), (x_in[test], y_in[test]), x[ood]
-
-
-def augment(x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-    """Random shifts by up to one pixel (zero fill) and a slight intensity jitter, drawn
-    from ``gen`` (each rank's own stream with ``augment="independent"``)."""
-    if gen is None:
-        return x
-    B, _, H, W = x.shape
-    shift = torch.randint(-1, 2, (B, 2), generator=gen)
-    scale = 1.0 + 0.2 * (torch.rand(B, 1, 1, 1, generator=gen) - 0.5)
-    padded = nn.functional.pad(x, (1, 1, 1, 1))  # (B, 1, H+2, W+2)
-    # out[b, :, i, j] = padded[b, :, i + 1 - dr_b, j + 1 - dc_b]
-    rows = (torch.arange(H) + 1 - shift[:, :1]).view(B, 1, H, 1).expand(B, 1, H, W + 2)
-    cols = (torch.arange(W) + 1 - shift[:, 1:]).view(B, 1, 1, W).expand(B, 1, H, W)
-    shifted = padded.gather(2, rows).gather(3, cols)
-    return (shifted * scale).clamp(0, 1)
-
-
-def digits_cnn(init_sigma: float) -> nn.Module:
-    """A small CNN for 8x8 digits, made Bayesian by :func:`spar.nn.bayesianize`."""
-    net = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 64),
-        nn.ReLU(),
-        nn.Linear(64, IN_CLASSES),
-    )
-    return spar.nn.bayesianize(net, init_sigma=init_sigma)
-
-
-# ----------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """One progress line per epoch on rank 0: redrawn in place on a terminal, printed once
-    at the end of the epoch otherwise (logs stay readable)."""
-
-    def __init__(self, enabled: bool, stream=None) -> None:
-        self.enabled = enabled
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-
-    def update(self, epoch: int, epochs: int, done: int, total: int, stats: dict) -> None:
-        if not self.enabled or (not self.tty and done < total):
-            return
-        width = 20
-        filled = width * done // total
-        bar = "#" * filled + "-" * (width - filled)
-        line = (
-            f"epoch {epoch:>3}/{epochs} [{bar}] {done:>3}/{total} "
-            f"loss {stats['loss']:.4f}  acc {stats['acc']:.3f}  {stats['rate']:,.0f} ex/s"
-        )
-        end = "\n" if done == total else ""
-        self.stream.write(("\r" if self.tty else "") + line + end)
-        self.stream.flush()
-
-
 # ----------------------------------------------------------------------------- the job
-
-
-def dist_backend(device: str) -> str:
-    """The ``torch.distributed`` backend for ranks on ``device``: NCCL for CUDA, gloo for the
-    CPU (not "NCCL whenever CUDA is available": a CPU run on a GPU machine stays on the CPU)."""
-    return "nccl" if device == "cuda" else "gloo"
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU batch on ``device``: through pinned memory, asynchronously, on CUDA."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def _peak_memory(device: torch.device, tel: Telemetry) -> tuple[float, str]:
-    """(peak bytes of this rank, what was measured)."""
-    if device.type == "cuda":
-        return float(torch.cuda.max_memory_allocated(device)), "cuda allocator"
-    return float(tel.summary().peak_rss), "resident set"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _all_gather_object(obj) -> list:
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _checkpoint_state(sp: SampleParallel, opt, epoch: int, cfg: TrainConfig) -> dict:
@@ -361,25 +278,10 @@ def resume_checkpoint(out: str | os.PathLike) -> tuple[Path, dict, str | None]:
 _CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "grid", "augment_states", "config")
 
 
-def check_resume(state: dict, cfg: TrainConfig, path: Path) -> None:
-    """Raise :class:`SetupError` unless ``state`` is a ``spar train`` checkpoint of this
-    experiment that this run can continue: every key present, the same experiment options
-    (:data:`EXPERIMENT`), parameters and optimizer state that fit the model, finite values."""
-    missing = [k for k in _CHECKPOINT_KEYS if k not in state]
-    if missing:
-        raise SetupError(f"{path} has no {', '.join(missing)}: not a checkpoint of spar train")
-    stored = state["config"]
-    for name in EXPERIMENT:
-        if name in stored and stored[name] != getattr(cfg, name):
-            raise SetupError(
-                f"--resume: {path} was trained with {_flag(name)} {stored[name]}, this run "
-                f"asks for {getattr(cfg, name)}; a resumed run keeps "
-                f"{', '.join(_flag(n) for n in EXPERIMENT)} (it may change --epochs and the grid)"
-            )
-    sp = SampleParallel(
-        digits_cnn(cfg.init_sigma), cfg.samples, spar.distributed.Grid.local(), seed=cfg.seed
-    )
-    expected, got = sp.module.state_dict(), state["model"]
+def check_model_state(state: dict, module: nn.Module, path: Path) -> None:
+    """Raise :class:`SetupError` unless ``state["model"]`` loads into ``module``: the same
+    keys, tensors of the same shapes, finite values."""
+    expected, got = module.state_dict(), state.get("model")
     if not isinstance(got, dict):
         raise SetupError(f"{path}: 'model' is a {type(got).__name__}, not a state dict")
     for key in expected:
@@ -400,8 +302,30 @@ def check_resume(state: dict, cfg: TrainConfig, path: Path) -> None:
             bad = int((~torch.isfinite(value)).sum())
             raise SetupError(
                 f"{path}: {key!r} holds {bad} non-finite values (nan/inf) of {value.numel()}; "
-                f"it cannot be resumed (the previous checkpoint, if any: {previous_path(path)})"
+                f"it cannot be used (the previous checkpoint, if any: {previous_path(path)})"
             )
+
+
+def check_resume(state: dict, cfg: TrainConfig, path: Path, model: nn.Module | None = None) -> None:
+    """Raise :class:`SetupError` unless ``state`` is a ``spar train`` checkpoint of this
+    experiment that this run can continue: every key present, the same experiment options
+    (:data:`EXPERIMENT`), parameters and optimizer state that fit the model of ``cfg``
+    (``model``, when the caller has built it already), finite values."""
+    missing = [k for k in _CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise SetupError(f"{path} has no {', '.join(missing)}: not a checkpoint of spar train")
+    stored = state["config"]
+    for name in EXPERIMENT:
+        if name in stored and stored[name] != getattr(cfg, name):
+            raise SetupError(
+                f"--resume: {path} was trained with {_flag(name)} {stored[name]}, this run "
+                f"asks for {getattr(cfg, name)}; a resumed run keeps "
+                f"{', '.join(_flag(n) for n in EXPERIMENT)} (it may change --epochs and the grid)"
+            )
+    if model is None:
+        model = build_model(cfg, load_data(cfg))
+    sp = SampleParallel(model, cfg.samples, spar.distributed.Grid.local(), seed=cfg.seed)
+    check_model_state(state, sp.module, path)
     opt = torch.optim.Adam(sp.parameters(), lr=cfg.lr)
     try:
         opt.load_state_dict(state["optimizer"])
@@ -420,39 +344,46 @@ def check_resume(state: dict, cfg: TrainConfig, path: Path) -> None:
         raise SetupError(f"{path}: 'epoch' is {state['epoch']!r}, not a count")
 
 
-def _activation_numel(cfg: TrainConfig) -> int:
-    """Numbers every layer of the model outputs for one example and one weight sample."""
-    mc = spar.nn.MonteCarlo(digits_cnn(cfg.init_sigma), 1, seed=0)
+def _activation_numel(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Numbers every layer of ``model`` outputs for one example and one weight sample."""
+    mc = spar.nn.MonteCarlo(model, 1, seed=0)
     total = 0
 
     def count(_module, _inputs, output) -> None:
         nonlocal total
-        total += output.numel()
+        if isinstance(output, torch.Tensor):
+            total += output.numel()
 
     leaves = [m for m in mc.modules() if not list(m.children())]
     hooks = [m.register_forward_hook(count) for m in leaves]
+    was_training = mc.training
     try:
         with torch.no_grad():
-            mc.eval()(torch.zeros(1, 1, 8, 8))
+            mc.eval()(torch.zeros(1, *input_shape))
     finally:
+        mc.train(was_training)
         for h in hooks:
             h.remove()
     return total
 
 
-def memory_estimate(cfg: TrainConfig) -> int:
+def memory_estimate(cfg: TrainConfig, splits: datasets.Splits, model: nn.Module) -> int:
     """Estimated peak bytes of one rank, from the model's shapes (fp32): parameters (mean
     and rho) with their gradients and Adam's two moments; the training step's activations
     (every layer's output kept for backward, its gradient and one transient) for the rank's
-    ``S/sample x B/data`` sample-examples; the evaluation's activations for its samples of
-    the largest split; whichever of the two is larger."""
+    ``S/sample x B/data`` sample-examples; the evaluation's activations for one chunk of
+    the largest split (:func:`spar._job.predictive`) and the logits of all its samples;
+    whichever of the two is larger."""
+    from spar._job import EVAL_CHUNK
+
     a, b = cfg.grid_axes()
     s_local, b_local = cfg.samples // a, cfg.batch_size // b
-    params = sum(p.numel() for p in digits_cnn(cfg.init_sigma).parameters())
-    act = _activation_numel(cfg)
-    n_eval = len(digits_splits(cfg.seed)[0][0])
+    params = sum(p.numel() for p in model.parameters())
+    act = _activation_numel(model, splits.input_shape)
+    n_eval = max(len(x) for x in (splits.x_test, splits.x_val, splits.x_ood) if x is not None)
+    chunk = min(n_eval, max(1, EVAL_CHUNK // s_local))
     train = 3 * s_local * b_local * act
-    evaluation = s_local * n_eval * act + cfg.samples * n_eval * IN_CLASSES
+    evaluation = s_local * chunk * act + cfg.samples * n_eval * splits.num_classes
     return 4 * (4 * params + max(train, evaluation))
 
 
@@ -481,8 +412,9 @@ def memory_limit(cfg: TrainConfig) -> tuple[int, str] | None:
 def preflight(cfg: TrainConfig, *, writer: bool = True) -> None:
     """Check, before any rank starts, everything that can fail later: the options, that
     the output folder is writable (``writer``: the process that writes it), the checkpoint
-    to resume (structure, experiment options, finite values) and the memory a step needs
-    (unless ``cfg.memory_check`` is off). Raises :class:`SetupError`."""
+    to resume (structure, experiment options, finite values), the data and the model
+    (they load and fit each other) and the memory a step needs (unless ``cfg.memory_check``
+    is off). Raises :class:`SetupError`."""
     try:
         cfg.validate()
     except ValueError as e:
@@ -492,14 +424,18 @@ def preflight(cfg: TrainConfig, *, writer: bool = True) -> None:
             check_writable(cfg.out)
         except OSError as e:
             raise SetupError(f"--out {e.strerror}") from None
+    state = None
     if cfg.resume:
         try:
             path, state, _ = resume_checkpoint(cfg.out)
         except CheckpointError as e:
             raise SetupError(f"--resume: {e}") from None
-        check_resume(state, cfg, path)
+    splits = load_data(cfg)
+    model = build_model(cfg, splits)
+    if state is not None:
+        check_resume(state, cfg, path, model)
     limit = memory_limit(cfg) if cfg.memory_check else None
-    need = memory_estimate(cfg) if limit is not None else 0
+    need = memory_estimate(cfg, splits, model) if limit is not None else 0
     if limit is not None and need > limit[0]:
         raise SetupError(
             f"--samples {cfg.samples} --batch-size {cfg.batch_size}: a step needs about "
@@ -525,76 +461,6 @@ def _agree_across_ranks(cfg: TrainConfig) -> None:
                     f"{configs[0][name]} on rank 0 but {other[name]} on rank {r} (this is rank "
                     f"{_rank()}, with {value}); start every rank with the same options"
                 )
-
-
-def evaluate(sp: SampleParallel, x_test, y_test, x_ood) -> dict:
-    """Metrics of the full predictive (all S samples gathered) on the test and OOD sets."""
-    sp.eval()
-    with torch.no_grad():
-        logits = sp.predict(x_test.to(sp.grid.device)).float().cpu()
-        logits_ood = sp.predict(x_ood.to(sp.grid.device)).float().cpu()
-    mi_in, mi_out = metrics.mutual_information(logits), metrics.mutual_information(logits_ood)
-    pe_in, pe_out = metrics.predictive_entropy(logits), metrics.predictive_entropy(logits_ood)
-    rel = metrics.reliability(logits, y_test)
-    return {
-        "accuracy": float(metrics.accuracy(logits, y_test)),
-        "nll": float(metrics.nll(logits, y_test)),
-        "ece": float(rel.ece),
-        "brier": float(metrics.brier(logits, y_test)),
-        "ood_auroc_mutual_information": float(metrics.ood_auroc(mi_in, mi_out)),
-        "ood_auroc_predictive_entropy": float(metrics.ood_auroc(pe_in, pe_out)),
-        "_reliability": rel,
-        "_mi": (mi_in, mi_out),
-    }
-
-
-def _save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    finally:
-        plt.close(fig)
-
-
-def _plots(out: Path, report: dict) -> list[str]:
-    """The reliability and uncertainty figures; none (a note on stderr) where matplotlib is
-    not installed (a machine set up with ``pip install --no-deps``)."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed: no plots", file=sys.stderr)
-        return []
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rel = report["_reliability"]
-    edges = rel.bin_edges.tolist()
-    centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:], strict=True)]
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.bar(centers, rel.bin_accuracy.nan_to_num(0).tolist(), width=edges[1] - edges[0],
-           edgecolor="k", alpha=0.7, label="accuracy")  # fmt: skip
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-           title=f"Reliability (ECE {report['ece']:.3f})")  # fmt: skip
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    _save_figure(fig, out / "reliability.png")
-
-    mi_in, mi_out = report["_mi"]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    top = float(max(mi_in.max(), mi_out.max())) or 1e-6
-    bins = torch.linspace(0, top, 31).tolist()
-    ax.hist(mi_in.tolist(), bins=bins, alpha=0.6, density=True, label="digits 0-7 (test)")
-    ax.hist(mi_out.tolist(), bins=bins, alpha=0.6, density=True, label="digits 8-9 (OOD)")
-    auroc = report["ood_auroc_mutual_information"]
-    ax.set(xlabel="mutual information (nats)", ylabel="density",
-           title=f"Epistemic uncertainty (OOD AUROC {auroc:.3f})")  # fmt: skip
-    ax.legend()
-    fig.tight_layout()
-    _save_figure(fig, out / "uncertainty.png")
-    return ["reliability.png", "uncertainty.png"]
 
 
 def epoch_timing(epoch_times: list[float], first_epoch_steps: list[float]) -> dict:
@@ -637,56 +503,72 @@ def epoch_timing(epoch_times: list[float], first_epoch_steps: list[float]) -> di
     return {"seconds_per_epoch": value, "seconds_first_epoch": first, "timing": how}
 
 
-def _seconds(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f} s"
+def init_grid(cfg: TrainConfig) -> spar.distributed.Grid:
+    """This rank's grid for ``cfg``: a process group of ``cfg.nproc`` ranks (initialized
+    here), or the one-process grid of ``mode="local"``."""
+    a, b = cfg.grid_axes()
+    if cfg.mode == "local":
+        return spar.distributed.Grid.local(torch.device(cfg.device))
+    _init_restarted_group(cfg)
+    return spar.distributed.init(
+        sample=a, data=b, timeout=_group_timeout(cfg), backend=dist_backend(cfg.device)
+    )
 
 
-def _table(report: dict) -> str:
-    rows = [
-        ("test accuracy", f"{report['accuracy']:.4f}"),
-        ("test NLL", f"{report['nll']:.4f}"),
-        ("test ECE", f"{report['ece']:.4f}"),
-        ("test Brier", f"{report['brier']:.4f}"),
-        ("OOD AUROC (mutual information)", f"{report['ood_auroc_mutual_information']:.4f}"),
-        ("OOD AUROC (predictive entropy)", f"{report['ood_auroc_predictive_entropy']:.4f}"),
-        ("time per epoch (excl. warm-up)", _seconds(report["seconds_per_epoch"])),
-        ("first epoch (incl. warm-up)", _seconds(report["seconds_first_epoch"])),
-    ]
-    rows += [
-        (f"peak memory rank {r}", f"{mb:.0f} MiB") for r, mb in enumerate(report["peak_memory_mib"])
-    ]
-    width = max(len(k) for k, _ in rows)
-    lines = [f"{k:<{width}}  {v:>12}" for k, v in rows]
-    rule = "-" * len(lines[0])
-    return "\n".join([rule, *lines, rule])
+def setup_rank(cfg: TrainConfig, grid: spar.distributed.Grid) -> None:
+    """Set up this rank on ``grid``: threads or GPU, the seed; check that every rank runs
+    the same options (:class:`SetupError`) and that the grid is on ``cfg.device``."""
+    if cfg.device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, grid.world_size)))
+    torch.manual_seed(cfg.seed)
+    _agree_across_ranks(cfg)
+    if grid.device.type != cfg.device:  # e.g. a process group the caller initialized
+        raise ValueError(f"--device {cfg.device}, but the process grid is on {grid.device}")
+    if grid.device.type == "cuda":
+        torch.cuda.set_device(grid.device)
+        torch.cuda.reset_peak_memory_stats(grid.device)
+
+
+def _epoch_row(sp, splits, epoch: int, seconds: float, sums: torch.Tensor, kl: float, tel) -> dict:
+    """The ``history.csv`` row of an epoch (every rank calls it: the sums are all-reduced
+    over the grid and the validation predictive is gathered over the sample group).
+
+    ``loss`` and ``nll`` are the epoch's means per training example of the negative ELBO
+    and of its likelihood term (each rank's local estimate, averaged over the grid), ``kl``
+    the KL divergence of the posterior from the prior (nats, summed over all weights) at the
+    epoch's end, ``samples_per_s`` training examples per second of the whole grid, and
+    ``peak_memory_mib`` this (rank 0's) process's peak so far. The private ``_accuracy`` is
+    the training accuracy of the local samples' average, for the progress line."""
+    if dist.is_available() and dist.is_initialized():
+        total = sums.to(sp.grid.device)
+        dist.all_reduce(total)  # over every rank: data shards and sample shards
+        sums = total.cpu() / sp.grid.sample  # each example was counted once per sample rank
+    seen = float(sums[3])
+    row = {
+        "epoch": epoch,
+        "loss": float(sums[0]) / seen,
+        "nll": float(sums[1]) / seen,
+        "kl": kl,
+        **validation(sp, splits),
+        "seconds": seconds,
+        "samples_per_s": seen / seconds,
+        "peak_memory_mib": _peak_memory(sp.grid.device, tel)[0] / 2**20,
+    }
+    row["_accuracy"] = float(sums[2]) / seen
+    return row
 
 
 def run(cfg: TrainConfig) -> dict | None:
     """Train on this rank (inside torchrun, SLURM, spar's own launcher, or alone for
     ``mode="local"``); return the report on rank 0, ``None`` elsewhere."""
-    a, b = cfg.grid_axes()
-    if cfg.mode == "local":
-        grid = spar.distributed.Grid.local(torch.device(cfg.device))
-    else:
-        _init_restarted_group(cfg)
-        grid = spar.distributed.init(
-            sample=a, data=b, timeout=_group_timeout(cfg), backend=dist_backend(cfg.device),
-        )  # fmt: skip
+    grid = init_grid(cfg)
     rank = _rank()
-    if cfg.device == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, grid.world_size)))
-    torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     ckpt_path = out / CHECKPOINT
     try:
-        _agree_across_ranks(cfg)
-        if grid.device.type != cfg.device:  # e.g. a process group the caller initialized
-            raise ValueError(f"--device {cfg.device}, but the process grid is on {grid.device}")
-        if grid.device.type == "cuda":
-            torch.cuda.set_device(grid.device)
-            torch.cuda.reset_peak_memory_stats(grid.device)
-        (x_tr, y_tr), (x_te, y_te), x_ood = digits_splits(cfg.seed)
-        model = digits_cnn(cfg.init_sigma).to(grid.device)
+        setup_rank(cfg, grid)
+        splits = load_data(cfg)
+        model = build_model(cfg, splits).to(grid.device)
         augment_mode = None if cfg.augment == "none" else cfg.augment
         sp = SampleParallel(model, cfg.samples, grid, seed=cfg.seed, augment=augment_mode)
         opt = torch.optim.Adam(sp.parameters(), lr=cfg.lr)
@@ -703,61 +585,80 @@ def run(cfg: TrainConfig) -> dict | None:
         if start_epoch >= cfg.epochs and rank == 0:
             print(f"spar train: {ckpt_path} already holds {start_epoch} epochs (--epochs "
                   f"{cfg.epochs}): nothing to train; evaluating it", flush=True)  # fmt: skip
+        x_tr, y_tr = splits.x_train, splits.y_train
         local_batch = cfg.batch_size // grid.data
         sampler = GridSampler(x_tr, grid, shuffle=True, seed=cfg.seed, batch_size=local_batch)
         n_train = len(x_tr)
-        progress = Progress(cfg.progress and rank == 0)
         epoch_times: list[float] = []  # wall time of each epoch's steps (no checkpointing)
         step_times: list[float] = []  # of the first epoch this process runs
         gpu_index = grid.device.index if grid.device.type == "cuda" else None
         allow = _group_timeout(cfg)
-        with Telemetry(gpu_index=gpu_index) as tel, StallWatch(rank, cfg.timeout, allow) as watch:
+        progress = rep.EpochProgress(cfg.progress and rank == 0, cfg.epochs)
+        with (
+            Telemetry(gpu_index=gpu_index) as tel,
+            StallWatch(rank, cfg.timeout, allow) as watch,
+            progress,
+        ):
             for epoch in range(start_epoch, cfg.epochs):
                 watch.beat(epoch, -1, allow=allow)
                 sp.train()
                 sampler.set_epoch(epoch)
                 order = torch.tensor(list(iter(sampler)))
                 batches = [order[i : i + local_batch] for i in range(0, len(order), local_batch)]
+                progress.start_epoch(epoch + 1, len(batches))
                 t0 = time.perf_counter()
-                seen = correct = 0
-                loss_sum = 0.0
+                # this rank's sums over the epoch: loss, NLL term, correct, examples
+                sums = torch.zeros(4, dtype=torch.float64)
                 for i, idx in enumerate(batches):
                     t_step = time.perf_counter()
                     watch.beat(epoch, i, 0)
-                    x = _to_device(augment(x_tr[idx], sp.augment_generator), grid.device)
-                    y = _to_device(y_tr[idx], grid.device)
+                    xb = datasets.augment(x_tr[idx], sp.augment_generator, splits.augment)
+                    x, y = _to_device(xb, grid.device), _to_device(y_tr[idx], grid.device)
                     watch.beat(epoch, i, 1)
                     outputs = sp(x)  # (S_local, B_local, classes)
+                    kl = spar.nn.kl_divergence(sp)
                     loss = spar.losses.elbo(
-                        outputs, y, kl=spar.nn.kl_divergence(sp), dataset_size=n_train,
-                        kl_weight=cfg.kl_weight, reduction=cfg.loss, group=grid.sample_group,
+                        outputs, y, kl=kl, dataset_size=n_train, kl_weight=cfg.kl_weight,
+                        reduction=cfg.loss, group=grid.sample_group,
                     )  # fmt: skip
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    seen += len(idx)
                     loss_value = float(loss.detach())
                     if not math.isfinite(loss_value):
                         raise FloatingPointError(
                             f"the loss became {loss_value} at epoch {epoch + 1}, step {i + 1}; "
                             "lower --lr or --init-sigma (the last checkpoint is intact)"
                         )
-                    loss_sum += loss_value * len(idx)
-                    correct += int((outputs.softmax(-1).mean(0).argmax(-1) == y).sum())
+                    nll_value = loss_value - cfg.kl_weight * float(kl.detach()) / n_train
+                    correct = int((outputs.softmax(-1).mean(0).argmax(-1) == y).sum())
+                    sums += torch.tensor([loss_value * len(idx), nll_value * len(idx),
+                                          correct, len(idx)], dtype=torch.float64)  # fmt: skip
                     if not epoch_times:
                         step_times.append(time.perf_counter() - t_step)
+                    seen = float(sums[3])
                     rate = seen * grid.data / (time.perf_counter() - t0)
-                    stats = {"loss": loss_sum / seen, "acc": correct / seen, "rate": rate}
-                    progress.update(epoch + 1, cfg.epochs, i + 1, len(batches), stats)
+                    stats = {"loss": sums[0] / seen, "acc": sums[2] / seen, "rate": rate}
+                    progress.step(i + 1, {k: float(v) for k, v in stats.items()})
                 epoch_times.append(time.perf_counter() - t0)
-                watch.beat(epoch + 1, -1, allow=allow)  # checkpoint, next epoch's set-up
+                watch.beat(epoch + 1, -1, allow=allow)  # checkpoint, validation, next epoch
+                kl_value = float(kl.detach())
+                row = _epoch_row(sp, splits, epoch + 1, epoch_times[-1], sums, kl_value, tel)
                 state = _checkpoint_state(sp, opt, epoch + 1, cfg)
                 if rank == 0:
                     with _reason_for_os_errors(f"could not write {ckpt_path}"):
                         save_checkpoint(ckpt_path, state, keep_previous=keep_previous)
+                        rep.append_history(
+                            out / HISTORY, {k: v for k, v in row.items() if k[0] != "_"}
+                        )
                     keep_previous = True
+                    progress.end_epoch(
+                        {"loss": row["loss"], "acc": row["_accuracy"], "seconds": row["seconds"],
+                         "rate": row["samples_per_s"], "val_accuracy": row["val_accuracy"],
+                         "val_ece": row["val_ece"]}
+                    )  # fmt: skip
             watch.beat(cfg.epochs, -1, allow=allow)
-            report = evaluate(sp, x_te, y_te, x_ood)
+            report = evaluate(sp, splits)
         peak, peak_source = _peak_memory(grid.device, tel)
         peaks = _all_gather_object(peak)
         nvml = _all_gather_object(tel.summary().peak_gpu_memory)
@@ -773,28 +674,21 @@ def run(cfg: TrainConfig) -> dict | None:
         report["epochs_run"] = len(epoch_times)
         report["grid"] = {"sample": grid.sample, "data": grid.data, "mode": grid.mode}
         report["config"] = asdict(cfg)
-        public = {k: v for k, v in report.items() if not k.startswith("_")}
+        result = public(report)
         with _reason_for_os_errors(f"could not write the report to {out}"):
-            files = _plots(out, report)
-            public["files"] = [*files, *([CHECKPOINT] if epoch_times else []), "metrics.json"]
-            atomic_write(out / "metrics.json", json.dumps(public, indent=2) + "\n")
-        print(_table(report), flush=True)
-        print(f"wrote {', '.join(public['files'])} to {out}", flush=True)
-        return public
+            files = write_report(out, report, splits)
+            if rep.plot_training(rep.read_history(out / HISTORY), out / "training.png"):
+                files.append("training.png")
+            if (out / HISTORY).is_file():
+                files.append(HISTORY)
+            result["files"] = [*files, *([CHECKPOINT] if epoch_times else []), "metrics.json"]
+            write_metrics(out, result)
+        print_report(report)
+        print(f"wrote {', '.join(result['files'])} to {out}", flush=True)
+        return result
     finally:
         if cfg.mode != "local":
             spar.distributed.shutdown()
-
-
-@contextlib.contextmanager
-def _reason_for_os_errors(what: str):
-    """Re-raise an ``OSError`` (a full disk, a folder gone read-only) as one that says what
-    could not be written and that the last complete checkpoint is intact."""
-    try:
-        yield
-    except OSError as e:
-        message = f"{what}: {e.strerror}; the last complete checkpoint is intact"
-        raise OSError(e.errno, message) from e
 
 
 def _restarted_with_checkpoint(path: Path) -> bool:
@@ -824,8 +718,9 @@ def describe_failure(e: BaseException) -> str | None:
     return None
 
 
-def _worker(cfg: TrainConfig) -> dict | None:
-    """Entry point of each process started by :func:`launch` (module level: picklable).
+def _worker(cfg: TrainConfig, job=None, command: str = "spar train") -> dict | None:
+    """Entry point of each process started by :func:`start` (module level: picklable):
+    runs ``job(cfg)`` (default :func:`run`).
 
     An expected failure (:func:`describe_failure`) is one line on stderr and exit code 1;
     anything else keeps its traceback. The launcher process then says where to resume
@@ -834,14 +729,14 @@ def _worker(cfg: TrainConfig) -> dict | None:
     # stops (a checkpoint being written stays a temporary file, deleted by the next run)
     signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
     try:
-        return run(cfg)
+        return (job or run)(cfg)
     except Exception as e:
         line = describe_failure(e)
         if line is None:
             traceback.print_exc()
             raise
         rank = os.environ.get("RANK", "0")
-        print(f"spar train: rank {rank}: {line}", file=sys.stderr, flush=True)
+        print(f"{command}: rank {rank}: {line}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 
@@ -869,12 +764,16 @@ def launch(cfg: TrainConfig) -> dict | None:
             except OutputBusyError as e:
                 raise SetupError(str(e)) from None
             remove_stale_temps(cfg.out)
-        return _start(cfg)
+        return start(cfg)
 
 
-def _start(cfg: TrainConfig) -> dict | None:
+def start(cfg: TrainConfig, job=None, command: str = "spar train") -> dict | None:
+    """Run ``job(cfg)`` (default :func:`run`) on every rank of ``cfg``'s grid: in this
+    process when already launched, local or one process, otherwise on ``cfg.nproc`` local
+    processes (see :func:`launch`); returns rank 0's result."""
+    job = job or run
     if cfg.mode == "local" or cfg.nproc == 1 or under_launcher():
-        return run(cfg)
+        return job(cfg)
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     port = spar.distributed.free_port()
@@ -892,7 +791,7 @@ def _start(cfg: TrainConfig) -> dict | None:
         start_method="spawn",
     )
     with _quiet_launcher_logs():
-        results = elastic_launch(config, _worker)(cfg)
+        results = elastic_launch(config, _worker)(cfg, job, command)
     return results.get(0)
 
 

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import spar.distributed as sd
+import spar.models
 from spar import cli
 from spar._fs import OutputBusyError, OutputLock, atomic_write, check_writable, remove_stale_temps
 from spar._watch import StallWatch
@@ -39,7 +40,6 @@ from spar.train import (
     _agree_across_ranks,
     _checkpoint_state,
     check_resume,
-    digits_cnn,
     preflight,
     resume_checkpoint,
     run,
@@ -165,8 +165,8 @@ def _cfg(tmp_path, **kw) -> TrainConfig:
 
 def _state(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
-    sp = sd.SampleParallel(digits_cnn(cfg.init_sigma), cfg.samples, sd.Grid.local(),
-                           seed=cfg.seed, augment=cfg.augment)  # fmt: skip
+    net = spar.models.build("cnn", (1, 8, 8), 8, init_sigma=cfg.init_sigma)
+    sp = sd.SampleParallel(net, cfg.samples, sd.Grid.local(), seed=cfg.seed, augment=cfg.augment)
     opt = torch.optim.Adam(sp.parameters(), lr=cfg.lr)
     return _checkpoint_state(sp, opt, 1, cfg)
 

@@ -1,0 +1,194 @@
+"""`spar train` on CIFAR-10 batches and .npz arrays with the built-in models, `spar eval`
+of its checkpoint (the same metrics on another grid), history.csv, and the one-line errors.
+
+The data are small files written here in the real formats (no internet): a CIFAR-10 folder
+of python pickles and an .npz file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spar.cli import main
+from spar.evaluation import EvalConfig
+from spar.evaluation import launch as launch_eval
+from spar.train import TrainConfig, launch
+
+METRICS = (
+    "accuracy", "nll", "ece", "brier",
+    "ood_auroc_mutual_information", "ood_auroc_predictive_entropy",
+)  # fmt: skip
+
+
+def _cifar_folder(root: Path, per_batch: int = 8, n_test: int = 16) -> Path:
+    """A CIFAR-10 python-batches folder (cifar-10-batches-py) with random images."""
+    rng = np.random.default_rng(0)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+
+    def batch(n: int) -> dict:
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        return {b"data": data, b"labels": [int(v) for v in rng.integers(0, 10, n)]}
+
+    for i in range(1, 6):
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump(batch(per_batch), f)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump(batch(n_test), f)
+    return root
+
+
+def _spar(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for name in ("SPAR_RNG", "RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    return subprocess.run(
+        [sys.executable, "-m", "spar", *args], capture_output=True, text=True, timeout=timeout,
+        env=env,
+    )  # fmt: skip
+
+
+def _same_metrics(a: dict, b: dict) -> None:
+    for key in METRICS:
+        if a[key] is None:
+            assert b[key] is None, key
+        else:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_cifar10_resnet20_two_ranks_then_eval_reproduces_metrics(tmp_path):
+    data = _cifar_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    r = _spar(
+        "train", "--dataset", "cifar10", "--data-dir", str(data), "--model", "resnet20",
+        "--ood-classes", "8,9", "--epochs", "1", "--samples", "2", "--batch-size", "8",
+        "--out", str(out), "--no-progress",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    trained = json.loads((out / "metrics.json").read_text())
+    assert trained["grid"] == {"sample": 2, "data": 1, "mode": "sp"}
+    assert trained["config"]["model"] == "resnet20"
+    # no log line carries terminal codes or redraws (stdout/stderr are pipes)
+    assert "\x1b" not in r.stdout + r.stderr and "\r" not in r.stderr
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert [row["epoch"] for row in rows] == ["1"]
+    assert float(rows[0]["samples_per_s"]) > 0 and rows[0]["val_accuracy"] != ""
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # one process, the checkpoint's config only: the same predictive
+    r = _spar("eval", "--checkpoint", str(out / "checkpoint.pt"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    evaluated = json.loads((out / "eval" / "metrics.json").read_text())
+    _same_metrics(trained, evaluated)
+    assert evaluated["grid"]["sample"] == 1
+    preds = np.load(out / "eval" / "predictions.npz")
+    n_test = int((preds["split"] == "test").sum())
+    assert n_test == len(preds["label"][preds["split"] == "test"]) > 0
+    assert preds["probs"].shape[1] == 8  # classes 8 and 9 held out
+    accuracy = (preds["predicted"] == preds["label"])[preds["split"] == "test"].mean()
+    assert accuracy == pytest.approx(trained["accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("model", ["vit-tiny", "cnn"])
+def test_one_process_train_and_eval_on_other_data(tmp_path, model):
+    """ViT-Tiny on CIFAR-10 batches, the CNN on an .npz of the user's (with its own OOD
+    set); `spar eval` at the trained S and at another S on a 2-sample grid shape."""
+    if model == "vit-tiny":
+        data = dict(dataset="cifar10", data_dir=str(_cifar_folder(tmp_path / "data", 4, 8)))
+    else:
+        rng = np.random.default_rng(1)
+        path = tmp_path / "mine.npz"
+        np.savez(
+            path, x_train=rng.random((40, 1, 12, 12), dtype=np.float32),
+            y_train=rng.integers(0, 3, 40), x_test=rng.random((12, 1, 12, 12), dtype=np.float32),
+            y_test=rng.integers(0, 3, 12), x_ood=rng.random((6, 1, 12, 12), dtype=np.float32),
+        )  # fmt: skip
+        data = dict(dataset="npz", data_dir=str(path))
+    out = tmp_path / "run"
+    cfg = TrainConfig(
+        **data, model=model, mode="local", epochs=1, samples=2, batch_size=16, out=str(out),
+        progress=False, val_fraction=0.25,
+    )  # fmt: skip
+    trained = launch(cfg)
+    evaluated = launch_eval(EvalConfig(checkpoint=str(out / "checkpoint.pt")))
+    _same_metrics(trained, evaluated)
+    if model == "cnn":  # the .npz's own OOD set
+        assert trained["ood_auroc_mutual_information"] is not None
+    if model == "vit-tiny":
+        return
+    # more samples at evaluation: another predictive, still every file
+    more = launch_eval(
+        EvalConfig(checkpoint=str(out / "checkpoint.pt"), samples=4, out=str(tmp_path / "e4"))
+    )
+    assert more["samples"] == 4 and (tmp_path / "e4" / "predictions.npz").is_file()
+
+
+def test_resume_continues_history_without_duplicates(tmp_path):
+    base = dict(mode="local", samples=2, batch_size=256, out=str(tmp_path), progress=False)
+    launch(TrainConfig(epochs=1, **base))
+    launch(TrainConfig(epochs=2, resume=True, **base))
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    first = rows[0]
+    # a fresh run into the same folder starts the history again
+    launch(TrainConfig(epochs=1, **base))
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    assert [row["epoch"] for row in rows] == ["1"] and rows[0]["loss"] == first["loss"]
+
+
+def _one_line_exit_2(capsys, argv: list[str], words: str) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert words in err and err.count("\n") == 1, err
+
+
+def test_bad_data_models_and_checkpoints_are_one_line_exit_2(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "o")]
+    _one_line_exit_2(capsys, ["train", "--dataset", "cifar10", *out], "cifar-10-python.tar.gz")
+    (tmp_path / "empty").mkdir()
+    _one_line_exit_2(
+        capsys, ["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "empty"), *out],
+        "data_batch_1",
+    )  # fmt: skip
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x_train=np.zeros((4, 3)), y_train=np.zeros(4, dtype=int), x_test=np.zeros((2, 3)))
+    _one_line_exit_2(capsys, ["train", "--dataset", "npz", "--data-dir", str(bad), *out], "y_test")
+    _one_line_exit_2(capsys, ["train", "--model", "resnet99", *out], "unknown model 'resnet99'")
+    # digits are 8x8: ViT-Tiny's patch 4 fits, a patch of 16 would not; the MLP takes anything
+    _one_line_exit_2(capsys, ["train", "--ood-classes", "8,x", *out], "--ood-classes")
+    _one_line_exit_2(capsys, ["train", "--ood-classes", "3,12", *out], "12")
+    _one_line_exit_2(capsys, ["eval", "--checkpoint", str(tmp_path / "none.pt")], "no checkpoint")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00not a checkpoint")
+    _one_line_exit_2(capsys, ["eval", "--checkpoint", str(junk)], "not a readable checkpoint")
+
+
+def test_eval_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
+    import torch
+
+    from spar.checkpoint import load_checkpoint, save_checkpoint
+
+    out = tmp_path / "run"
+    launch(TrainConfig(mode="local", epochs=1, samples=2, batch_size=256, out=str(out),
+                       progress=False))  # fmt: skip
+    state = load_checkpoint(out / "checkpoint.pt")
+    state["config"]["model"] = "mlp"  # the stored config no longer matches the weights
+    save_checkpoint(tmp_path / "other.pt", state, keep_previous=False)
+    other = ["eval", "--checkpoint", str(tmp_path / "other.pt")]
+    _one_line_exit_2(capsys, other, "not a checkpoint of this model")
+    state["config"]["future_option"] = 1
+    save_checkpoint(tmp_path / "newer.pt", state, keep_previous=False)
+    _one_line_exit_2(capsys, ["eval", "--checkpoint", str(tmp_path / "newer.pt")], "future_option")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    _one_line_exit_2(capsys, ["eval", "--checkpoint", str(tmp_path / "foreign.pt")], "not a spar")

@@ -18,7 +18,9 @@
 #                     every estimator (linear, conv; fp32, bf16) against the torch backend and
 #                     spar/ops/reference.py, Philox bit-exactness, a bayesianized CNN through
 #                     MonteCarlo, torch.compile (inductor) of Bayesian layers
-#   train        70 s `spar train --device cuda --nproc 1 --epochs 1` (digits CNN)
+#   train        90 s `spar train --device cuda --nproc 1 --epochs 1` (digits CNN), `spar eval`
+#                     of its checkpoint (the same metrics within 1e-4), and the real-timm
+#                     test of tests/test_models.py where timm imports
 #   kernels      75 s bench/bench_kernels.py --op linear: S=16,64, B=128, 4096x4096, bf16
 #                     (providers: spar_fused, spar_chunked, spar_torch, spar_cuda, peers)
 #   conv         60 s bench/bench_kernels.py --op conv: S=8,32, B=32, 64->64 ch, 32x32, 3x3
@@ -334,7 +336,22 @@ step_train() {
   fi
   local args=(train --device "$DEVICE" --nproc 1 --epochs 1 --no-progress --out "$OUT/train")
   [ "$DRY" = 1 ] && args+=(--samples 1 --batch-size 1024)
-  "$PY" -m spar "${args[@]}"
+  "$PY" -m spar "${args[@]}" || return 1
+  # the checkpoint evaluated again: the same metrics (spar eval), on the same device
+  "$PY" -m spar eval --checkpoint "$OUT/train/checkpoint.pt" --device "$DEVICE" \
+    --out "$OUT/train/eval" || return 1
+  "$PY" - "$OUT/train" <<'PY' || return 1
+import json, sys
+a = json.load(open(f"{sys.argv[1]}/metrics.json"))
+b = json.load(open(f"{sys.argv[1]}/eval/metrics.json"))
+worst = max(abs(a[k] - b[k]) for k in ("accuracy", "nll", "ece", "brier"))
+print(f"spar eval vs spar train: largest metric difference {worst:.2e}")
+sys.exit(worst > 1e-4)
+PY
+  # --model timm:NAME with the real package, where the machine has it (CI cannot install it)
+  if [ "$DRY" != 1 ] && "$PY" -c "import timm" 2>/dev/null; then
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_models.py -k real_timm || return 1
+  fi
 }
 
 step_kernels() {
@@ -436,7 +453,7 @@ EOF
 if [ "$DRY" = 1 ]; then
   L_ENV=120; L_TESTS=300; L_TRAIN=300; L_KERNELS=240; L_CONV=240; L_LAYERS=240; L_CUDA=240
 else
-  L_ENV=30; L_TESTS=180; L_TRAIN=70; L_KERNELS=75; L_CONV=60; L_LAYERS=60; L_CUDA=60
+  L_ENV=30; L_TESTS=180; L_TRAIN=90; L_KERNELS=75; L_CONV=60; L_LAYERS=60; L_CUDA=60
 fi
 export -f step_env step_tests step_train step_kernels step_conv step_layers step_cuda
 export PY DEVICE DRY OUT RESULTS

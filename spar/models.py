@@ -18,9 +18,9 @@ on CIFAR-10 of arXiv 2604.04736:
 Folded batch. :class:`spar.nn.MonteCarlo` hands the model the shared ``(B, ...)`` input;
 the first Bayesian layer returns ``(S*B, ...)``. All built-ins start with a Bayesian
 layer (``mlp``: after a flatten), so no module mixes a tensor from before that layer with
-one after it. Bayesian linear layers take 2-D inputs ``(S*B, K)``: the transformer applies
-its linear layers to the token tensor ``(S*B, N, D)`` flattened to ``(S*B*N, D)`` (rows
-stay sample-major, so each row keeps its sample's weights).
+one after it. Bayesian linear layers take ``(S*B, ..., K)`` like ``nn.Linear`` (the
+transformer's tokens ``(S*B, N, D)``; timm's transformers too): each token row keeps its
+sample's weights.
 
 This module imports torch and :mod:`spar.nn` only; timm is imported when a ``timm:``
 model is built.
@@ -93,15 +93,6 @@ def _image(model: str, input_shape: tuple[int, ...], min_side: int) -> tuple[int
             f"got input shape {shape}"
         )
     return shape  # type: ignore[return-value]
-
-
-def _flat_linear(linear: nn.Module, x: Tensor) -> Tensor:
-    """``linear`` on the last dimension of ``x`` (..., K), through a 2-D ``(rows, K)`` call:
-    Bayesian linear layers take 2-D inputs only. The rows of a folded ``(S*B, N, K)``
-    tensor stay sample-major, so every row keeps its sample's weights."""
-    if x.dim() == 2:
-        return linear(x)
-    return linear(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
 # --------------------------------------------------------------------------- cnn, mlp
@@ -232,10 +223,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         N, T, D = x.shape
-        qkv = _flat_linear(self.qkv, x).reshape(N, T, 3, self.heads, D // self.heads)
+        qkv = self.qkv(x).reshape(N, T, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, T, D / heads)
         out = F.scaled_dot_product_attention(q, k, v)
-        return _flat_linear(self.proj, out.transpose(1, 2).reshape(N, T, D))
+        return self.proj(out.transpose(1, 2).reshape(N, T, D))
 
 
 class MLPBlock(nn.Module):
@@ -247,7 +238,7 @@ class MLPBlock(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _flat_linear(self.fc2, F.gelu(_flat_linear(self.fc1, x)))
+        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Block(nn.Module):
@@ -332,26 +323,6 @@ def vit_tiny(
 
 
 # --------------------------------------------------------------------------- timm
-
-
-def _flatten_tokens(module: nn.Module, args: tuple) -> tuple | None:
-    """Forward pre-hook of a Bayesian linear layer in a timm model: an input ``(..., K)``
-    of more than 2 dims enters as ``(rows, K)``; the leading shape is kept for the output."""
-    x = args[0]
-    if not isinstance(x, Tensor) or x.dim() <= 2:
-        module._spar_lead = None
-        return None
-    module._spar_lead = x.shape[:-1]
-    return (x.reshape(-1, x.shape[-1]), *args[1:])
-
-
-def _unflatten_tokens(module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
-    """Forward hook paired with :func:`_flatten_tokens`: restores the leading shape."""
-    lead = getattr(module, "_spar_lead", None)
-    if lead is None:
-        return None
-    module._spar_lead = None
-    return out.reshape(*lead, out.shape[-1])
 
 
 def _timm(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -447,8 +418,7 @@ def build(
 
     name: one of :data:`MODELS` or ``"timm:NAME"`` (``timm.create_model(NAME,
         pretrained=False, num_classes=num_classes, in_chans=C, img_size=(H, W))``, without
-        ``img_size`` for the models that do not take it; the Bayesian linear layers of a
-        timm model also take token inputs ``(..., K)``, flattened around them by hooks).
+        ``img_size`` for the models that do not take it).
     input_shape: one example's shape, without the batch: ``(C, H, W)`` for images, ``(D,)``
         for features.
     num_classes: outputs of the head.
@@ -461,12 +431,7 @@ def build(
     """
     if isinstance(name, str) and name.startswith(TIMM_PREFIX):
         net = _timm(name[len(TIMM_PREFIX) :], input_shape, num_classes)
-        net = spar.nn.bayesianize(net, init_sigma=init_sigma, sample_wise=True)
-        for m in net.modules():
-            if isinstance(m, spar.nn.BayesLinear):
-                m.register_forward_pre_hook(_flatten_tokens)
-                m.register_forward_hook(_unflatten_tokens)
-        return net
+        return spar.nn.bayesianize(net, init_sigma=init_sigma, sample_wise=True)
     if name not in _BUILDERS:
         raise _unknown(name)
     net = _BUILDERS[name](input_shape, num_classes)

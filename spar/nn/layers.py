@@ -24,6 +24,7 @@ to check names in, so unnamed layers of one model are correlated there).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -284,16 +285,28 @@ class BayesLinear(BayesModule):
         self._reset_bayes(in_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 2 or x.shape[1] != self.in_features:
+        """``x``: ``(S*B, in_features)``, or ``(S*B, ..., in_features)`` like ``nn.Linear``
+        (e.g. tokens ``(S*B, N, D)``); the shared ``(B, ...)`` batch where it is the first
+        noise layer's input. Extra dimensions are flattened into rows around the op: each
+        row keeps its sample's weights (rows stay sample-major), and the per-example noise
+        of ``lrt``/``flipout`` is per row, keyed by the row's global index (the example's
+        global index times the rows per example), so it is the same on any grid."""
+        if x.dim() < 2 or x.shape[-1] != self.in_features:
             raise ValueError(
-                f"BayesLinear expects input of shape (S*B, {self.in_features}), got "
-                f"{tuple(x.shape)}"
+                f"BayesLinear expects input of shape (S*B, {self.in_features}) or "
+                f"(S*B, ..., {self.in_features}), got {tuple(x.shape)}"
             )
         key, shared = self._key(x)
-        return ops.bayes_linear(
+        lead = x.shape[:-1]
+        if x.dim() > 2:
+            rows_per_example = math.prod(lead[1:])
+            key = dataclasses.replace(key, data_offset=key.data_offset * rows_per_example)
+            x = x.reshape(-1, self.in_features)
+        out = ops.bayes_linear(
             x, self.weight_mu, self.weight_rho, *self._bias(), key,
             estimator=self.estimator, shared_input=shared, **self._ids(),
         )  # fmt: skip
+        return out if len(lead) == 1 else out.reshape(-1, *lead[1:], self.out_features)
 
     def extra_repr(self) -> str:
         return (

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import spar
 from spar import rng
@@ -435,3 +436,26 @@ def test_nn_takes_nothing_from_the_reference_ops():
             else:
                 continue
             assert not any("reference" in n for n in names), f"{path.name} imports {names}"
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "lrt", "flipout"])
+def test_linear_takes_tokens_keyed_by_global_row(estimator):
+    """(B, N, K) token inputs, like nn.Linear: the same as the (B*N, K) rows, and a data
+    shard (examples 2-3 with data_offset 2) draws the rows' noise of the full batch."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        spar.nn.BayesLinear(6, 5, estimator=estimator, init_sigma=0.3),
+        nn.Tanh(),
+        spar.nn.BayesLinear(5, 4, estimator=estimator, init_sigma=0.3),
+    )
+    mc = spar.nn.MonteCarlo(net, num_samples=3, seed=1).eval()
+    x = torch.randn(4, 7, 6)  # 4 examples of 7 tokens
+    full = mc(x)
+    assert full.shape == (3, 4, 7, 4)
+    torch.testing.assert_close(full.reshape(3, 28, 4), mc(x.reshape(28, 6)))
+    mc.data_offset = 2
+    torch.testing.assert_close(mc(x[2:]), full[:, 2:])
+    mc.data_offset = 0
+    if estimator != "reparam":  # per-row noise: another offset gives other rows
+        mc.data_offset = 1
+        assert not torch.allclose(mc(x[2:]), full[:, 2:])

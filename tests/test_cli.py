@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -59,6 +60,10 @@ def test_resume_is_bit_identical_and_grid_shape_may_change(tmp_path):
     assert a["epoch"] == b["epoch"] == 2
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    # the resumed run continued history.csv: each epoch once, the losses of the full run
+    full_rows, part_rows = (list(csv.DictReader((d / "history.csv").open())) for d in (full, part))
+    assert [row["epoch"] for row in part_rows] == ["1", "2"]
+    assert [row["loss"] for row in part_rows] == [row["loss"] for row in full_rows]
     # a checkpoint of the 2x1 grid continues on a 1x2 grid (parameters are replicated)
     r = _spar("train", *common, "--epochs", "3", "--out", str(part), "--resume", "--mode", "ddp")
     assert r.returncode == 0, r.stderr[-3000:]

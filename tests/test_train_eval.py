@@ -98,51 +98,48 @@ def test_cifar10_resnet20_two_ranks_then_eval_reproduces_metrics(tmp_path):
     assert accuracy == pytest.approx(trained["accuracy"], abs=1e-6)
 
 
-@pytest.mark.parametrize("model", ["vit-tiny", "cnn"])
-def test_one_process_train_and_eval_on_other_data(tmp_path, model):
-    """ViT-Tiny on CIFAR-10 batches, the CNN on an .npz of the user's (with its own OOD
-    set); `spar eval` at the trained S and at another S on a 2-sample grid shape."""
-    if model == "vit-tiny":
-        data = dict(dataset="cifar10", data_dir=str(_cifar_folder(tmp_path / "data", 4, 8)))
-    else:
-        rng = np.random.default_rng(1)
-        path = tmp_path / "mine.npz"
-        np.savez(
-            path, x_train=rng.random((40, 1, 12, 12), dtype=np.float32),
-            y_train=rng.integers(0, 3, 40), x_test=rng.random((12, 1, 12, 12), dtype=np.float32),
-            y_test=rng.integers(0, 3, 12), x_ood=rng.random((6, 1, 12, 12), dtype=np.float32),
-        )  # fmt: skip
-        data = dict(dataset="npz", data_dir=str(path))
+@pytest.mark.slow
+def test_vit_tiny_on_the_data_axis_then_eval_in_one_process(tmp_path):
+    data = _cifar_folder(tmp_path / "data", per_batch=4, n_test=8)
     out = tmp_path / "run"
-    cfg = TrainConfig(
-        **data, model=model, mode="local", epochs=1, samples=2, batch_size=16, out=str(out),
-        progress=False, val_fraction=0.25,
+    r = _spar(
+        "train", "--dataset", "cifar10", "--data-dir", str(data), "--model", "vit-tiny",
+        "--mode", "ddp", "--epochs", "1", "--samples", "2", "--batch-size", "16",
+        "--out", str(out), "--no-progress",
     )  # fmt: skip
-    trained = launch(cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trained = json.loads((out / "metrics.json").read_text())
+    assert trained["grid"] == {"sample": 1, "data": 2, "mode": "ddp"}
+    assert trained["ood_auroc_mutual_information"] is None  # cifar10: no OOD set by default
     evaluated = launch_eval(EvalConfig(checkpoint=str(out / "checkpoint.pt")))
     _same_metrics(trained, evaluated)
-    if model == "cnn":  # the .npz's own OOD set
-        assert trained["ood_auroc_mutual_information"] is not None
-    if model == "vit-tiny":
-        return
-    # more samples at evaluation: another predictive, still every file
-    more = launch_eval(
-        EvalConfig(checkpoint=str(out / "checkpoint.pt"), samples=4, out=str(tmp_path / "e4"))
-    )
+
+
+@pytest.mark.slow
+def test_npz_in_one_process_then_eval_on_two_ranks_and_other_samples(tmp_path):
+    """The CNN on an .npz of the user's with its own OOD set; `spar eval` on a 2x1 grid
+    reproduces the metrics, and another S gives another predictive with every file."""
+    rng = np.random.default_rng(1)
+    path = tmp_path / "mine.npz"
+    np.savez(
+        path, x_train=rng.random((40, 1, 12, 12), dtype=np.float32),
+        y_train=rng.integers(0, 3, 40), x_test=rng.random((12, 1, 12, 12), dtype=np.float32),
+        y_test=rng.integers(0, 3, 12), x_ood=rng.random((6, 1, 12, 12), dtype=np.float32),
+    )  # fmt: skip
+    out = tmp_path / "run"
+    cfg = TrainConfig(
+        dataset="npz", data_dir=str(path), mode="local", epochs=1, samples=2, batch_size=16,
+        out=str(out), progress=False, val_fraction=0.25,
+    )  # fmt: skip
+    trained = launch(cfg)
+    assert trained["ood_auroc_mutual_information"] is not None  # the .npz's x_ood
+    ckpt = str(out / "checkpoint.pt")
+    evaluated = launch_eval(EvalConfig(checkpoint=ckpt, nproc=2, out=str(tmp_path / "e2")))
+    assert evaluated["grid"] == {"sample": 2, "data": 1, "mode": "sp"}
+    _same_metrics(trained, evaluated)
+    more = launch_eval(EvalConfig(checkpoint=ckpt, samples=4, out=str(tmp_path / "e4")))
     assert more["samples"] == 4 and (tmp_path / "e4" / "predictions.npz").is_file()
-
-
-def test_resume_continues_history_without_duplicates(tmp_path):
-    base = dict(mode="local", samples=2, batch_size=256, out=str(tmp_path), progress=False)
-    launch(TrainConfig(epochs=1, **base))
-    launch(TrainConfig(epochs=2, resume=True, **base))
-    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
-    assert [row["epoch"] for row in rows] == ["1", "2"]
-    first = rows[0]
-    # a fresh run into the same folder starts the history again
-    launch(TrainConfig(epochs=1, **base))
-    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
-    assert [row["epoch"] for row in rows] == ["1"] and rows[0]["loss"] == first["loss"]
+    assert more["nll"] != trained["nll"]
 
 
 def _one_line_exit_2(capsys, argv: list[str], words: str) -> None:

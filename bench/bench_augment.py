@@ -17,7 +17,7 @@ How the runs are driven: each run is the real ``spar train`` command line
 supports natively (it then runs one rank per process instead of launching its own). The
 CLI only reports the metrics after the last epoch, so this script's worker adds one hook
 before calling it: it wraps ``spar.train._checkpoint_state`` (called by every rank at the
-end of every epoch) and, after the checkpoint state is taken, runs ``spar.train.evaluate``
+end of every epoch) and, after the checkpoint state is taken, runs ``spar._job.evaluate``
 (the job's own final evaluation: full predictive of all S samples on the held-out split of
 digits 0-7 and the OOD digits) and appends the metrics to a JSON-lines curve file. Prediction
 does not change training state (``SampleParallel.predict``: eval mode, the step counter and
@@ -447,7 +447,7 @@ def render_markdown(res: dict, meta: dict) -> str:
         "constant, so epochs 1-12 are those of a default-length run.",
         "- Driven through the real CLI: `spar.cli.main(['train', ...])` under `torchrun "
         "--nproc_per_node 2`, one process per rank, with one hook that evaluates the full "
-        "predictive (`spar.train.evaluate`, all S samples gathered) on the validation split "
+        "predictive (`spar._job.evaluate`, all S samples gathered) on the validation split "
         "(20 % of digits 0-7, 288 images; OOD: 354 images of 8 and 9) after every epoch. "
         "The hook's last evaluation equals `metrics.json` in every run (checked). "
         + meta.get("hook_check", "Hook non-intrusiveness: not checked in this invocation."),

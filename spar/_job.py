@@ -62,16 +62,28 @@ def parse_classes(text: str | None) -> tuple[int, ...] | None:
     return ids
 
 
-def load_data(cfg: Any) -> datasets.Splits:
+def held_out_classes(cfg: Any) -> tuple[int, ...]:
+    """The classes ``cfg`` holds out of training (``--ood-classes``, else the dataset's
+    default), sorted: what a checkpoint records and ``--resume`` compares."""
+    held = parse_classes(cfg.ood_classes)
+    return datasets.default_ood_classes(cfg.dataset) if held is None else tuple(sorted(held))
+
+
+def format_classes(held: tuple[int, ...]) -> str:
+    """``(8, 9)`` -> ``"8,9"``; ``()`` -> ``"none"`` (the ``--ood-classes`` spelling)."""
+    return ",".join(map(str, held)) or "none"
+
+
+def load_data(cfg: Any, *, hint: str = "") -> datasets.Splits:
     """The dataset of ``cfg`` (a :class:`spar.train.TrainConfig`); :class:`SetupError` with the
-    loader's one line for anything wrong with the folder, file or arrays."""
+    loader's one line for anything wrong with the folder, file or arrays (and ``hint``)."""
     try:
         return datasets.load(
-            cfg.dataset, cfg.data_dir, seed=cfg.seed, ood_classes=parse_classes(cfg.ood_classes),
+            cfg.dataset, cfg.data_dir, seed=cfg.seed, ood_classes=held_out_classes(cfg),
             ood=cfg.ood, val_fraction=cfg.val_fraction,
         )  # fmt: skip
     except (datasets.DatasetError, ValueError) as e:
-        raise SetupError(str(e)) from None
+        raise SetupError(f"{e}{hint}") from None
 
 
 def build_model(cfg: Any, splits: datasets.Splits) -> nn.Module:
@@ -82,7 +94,10 @@ def build_model(cfg: Any, splits: datasets.Splits) -> nn.Module:
             cfg.model, splits.input_shape, splits.num_classes, init_sigma=cfg.init_sigma
         )
     except (models.ModelError, ValueError) as e:
-        raise SetupError(f"--model {cfg.model}: {e}") from None
+        message = str(e)
+        prefix = f"--model {cfg.model}"
+        message = message if message.startswith(prefix) else f"{prefix}: {message}"
+        raise SetupError(message) from None
 
 
 # ----------------------------------------------------------------------------- ranks
@@ -121,13 +136,14 @@ def peak_memory(device: torch.device, tel: Telemetry) -> tuple[float, str]:
 
 
 @contextlib.contextmanager
-def reason_for_os_errors(what: str):
+def reason_for_os_errors(what: str, note: str = "the last complete checkpoint is intact"):
     """Re-raise an ``OSError`` (a full disk, a folder gone read-only) as one that says what
-    could not be written and that the last complete checkpoint is intact."""
+    could not be written (and ``note``: by default, that the last complete checkpoint is
+    intact)."""
     try:
         yield
     except OSError as e:
-        message = f"{what}: {e.strerror}; the last complete checkpoint is intact"
+        message = f"{what}: {e.strerror}" + (f"; {note}" if note else "")
         raise OSError(e.errno, message) from e
 
 

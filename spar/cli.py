@@ -228,18 +228,12 @@ def _add_eval_parser(sub) -> None:
 
 
 def _run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """``spar eval``: anything wrong before the evaluation starts is one line and exit 2."""
-    from spar._job import SetupError
+    """``spar eval``: anything wrong before the evaluation starts is one line and exit 2; an
+    interrupt or a failed rank one line, exit 130/143/1 (as ``spar train``)."""
     from spar.evaluation import EvalConfig, launch
 
     values = {f.name: getattr(args, f.name) for f in fields(EvalConfig)}
-    try:
-        launch(EvalConfig(**values))
-    except SetupError as e:
-        parser.exit(2, f"spar eval: error: {e}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, "spar eval: stopped by SIGINT\n")
-    return 0
+    return _run_job("spar eval", lambda: launch(EvalConfig(**values)), lambda: "", parser)
 
 
 def _add_plan_parser(sub) -> None:
@@ -601,6 +595,9 @@ def _load_config_file(path: Path) -> dict:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"--config {path}: unknown keys {', '.join(unknown)}")
+    held = values.get("ood_classes")
+    if isinstance(held, list) and all(type(c) is int for c in held):  # ood_classes = [8, 9]
+        values["ood_classes"] = ",".join(map(str, held)) or "none"
     return {k: _config_value(actions[k], k, v, path) for k, v in values.items()}
 
 
@@ -662,25 +659,34 @@ def _where_to_resume(cfg) -> str:
 def _run_train(cfg, parser: argparse.ArgumentParser) -> int:
     """``spar train``: problems found before training are one line and exit 2; an interrupt
     (^C, SIGTERM) or a failed rank is one line that says where to resume, exit 130, 143, 1."""
+    from spar.train import launch
+
+    return _run_job("spar train", lambda: launch(cfg), lambda: "; " + _where_to_resume(cfg), parser)
+
+
+def _run_job(command: str, job, where, parser: argparse.ArgumentParser) -> int:
+    """Run ``job()`` (a launch of ``spar train`` or ``spar eval``) and turn its expected
+    failures into one line on stderr: a :class:`~spar.train.SetupError` exits 2, ^C and
+    SIGTERM 130 and 143, a failed rank 1; ``where()`` adds where to resume (or nothing).
+    Anything else is a bug and keeps its traceback."""
     import signal
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    from spar.train import SetupError, describe_failure, launch
+    from spar.train import SetupError, describe_failure
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        launch(cfg)
+        job()
     except SetupError as e:
-        parser.exit(2, f"spar train: error: {e}\n")
+        parser.exit(2, f"{command}: error: {e}\n")
     except (KeyboardInterrupt, _Terminated, SignalException) as e:
         if isinstance(e, SignalException):  # the elastic launcher's handler caught it
             signum = signal.Signals(e.sigval)
         else:
             signum = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
-        where = _where_to_resume(cfg)
-        parser.exit(128 + signum, f"spar train: stopped by {signum.name}; {where}\n")
+        parser.exit(128 + signum, f"{command}: stopped by {signum.name}{where()}\n")
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         if failure.exitcode < 0:
@@ -689,13 +695,13 @@ def _run_train(cfg, parser: argparse.ArgumentParser) -> int:
             how = "it stopped a stalled job"
         else:
             how = f"exit code {failure.exitcode}"
-        parser.exit(1, f"spar train: error: rank {rank} failed ({how}); {_where_to_resume(cfg)}\n")
+        parser.exit(1, f"{command}: error: rank {rank} failed ({how}){where()}\n")
     except Exception as e:  # this process is a rank (torchrun, SLURM, --mode local)
         line = describe_failure(e)
         if line is None:
             raise
         rank = os.environ.get("RANK", "0")
-        parser.exit(1, f"spar train: rank {rank}: {line}; {_where_to_resume(cfg)}\n")
+        parser.exit(1, f"{command}: rank {rank}: {line}{where()}\n")
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0

@@ -224,23 +224,23 @@ def load(
         ood_classes: class ids (original labels) held out of train and test: their test
             examples become the OOD set (digits: all their examples), the remaining labels
             are renumbered ``0..K-1`` in increasing order of the original label, and
-            ``class_names`` keeps the original names. None: the dataset's default (digits:
-            ``(8, 9)``, unless ``ood`` is given; others: none); ``()``: none held out. For
-            npz, held-out classes replace the file's ``x_ood``.
+            ``class_names`` keeps the original names. None: the dataset's default
+            (:func:`default_ood_classes`: digits ``(8, 9)``, others none); ``()``: none held
+            out. For npz, held-out classes replace the file's ``x_ood``.
         ood: a second source of OOD inputs, a ``.npz`` file (its ``x_ood``, else its
             ``x_test``) or a CIFAR-10 folder (its ``test_batch``, normalised as cifar10).
-            Its examples must have the shape of the dataset's. It replaces the file's
-            ``x_ood`` for npz; it cannot be combined with a non-empty ``ood_classes``.
+            Its examples must have the shape of the dataset's. It replaces the OOD set of
+            the held-out classes, and the file's ``x_ood`` for npz (the held-out classes
+            still leave train and test).
         val_fraction: fraction in [0, 0.5] of the training part moved to validation:
             ``n_val = int(len(train) * val_fraction)``; the first ``n_val`` indices of a
             ``torch.randperm`` seeded with ``seed + 1`` go to validation. Both parts keep the
             original order, so ``val_fraction=0`` leaves the training part unchanged.
 
     Raises:
-        ValueError: an unknown ``name``, a bad ``val_fraction``, ``data_dir`` given for digits,
-            or both ``ood_classes`` and ``ood``.
-        DatasetError: files or arrays that cannot be used, unknown held-out class ids, or
-            fewer than two classes left.
+        ValueError: an unknown ``name``, a bad ``val_fraction``, ``data_dir`` given for digits.
+        DatasetError: files or arrays that cannot be used, unknown held-out class ids,
+            fewer than two classes left, or no train or test example left.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -255,12 +255,8 @@ def load(
             raise ValueError(
                 f"ood_classes must be a sequence of integer class ids, got {ood_classes!r}"
             ) from None
-        if held and ood is not None:
-            raise ValueError(
-                "use either ood_classes (held-out classes) or ood (an OOD file), not both"
-            )
     else:
-        held = () if ood is not None else _DEFAULT_OOD_CLASSES[name]
+        held = default_ood_classes(name)
 
     if name == "digits":
         if data_dir is not None:
@@ -283,12 +279,24 @@ def load(
             )
         splits["x_ood"], splits["ood_name"] = x_ood, ood_name
 
+    for split in ("train", "test"):
+        if len(splits[f"x_{split}"]) == 0:
+            raise DatasetError(
+                f"{name}{'' if data_dir is None else f' {str(data_dir)!r}'}: no {split} "
+                f"examples are left after holding out classes {list(held)} (ood_classes)"
+            )
     x_tr, y_tr, x_val, y_val = _val_split(splits["x_train"], splits["y_train"], seed, val_fraction)
     splits.update(x_train=x_tr, y_train=y_tr, x_val=x_val, y_val=y_val)
     for key, value in splits.items():
         if isinstance(value, torch.Tensor):
             splits[key] = value.contiguous()
     return Splits(name=name, **splits)
+
+
+def default_ood_classes(name: str) -> tuple[int, ...]:
+    """The classes :func:`load` holds out of dataset ``name`` when ``ood_classes`` is None:
+    ``(8, 9)`` for digits, none for the others."""
+    return _DEFAULT_OOD_CLASSES[name]
 
 
 def _as_int(c: object) -> int:
@@ -590,8 +598,8 @@ class _Npz:
                 raise DatasetError(f"{where} has {bad} non-finite value(s) (nan/inf)")
         else:
             raise DatasetError(f"{where} has dtype {a.dtype}; expected float or uint8")
-        if len(x) == 0:
-            raise DatasetError(f"{where} is empty (shape {tuple(a.shape)})")
+        if x.dim() == 0 or len(x) == 0:
+            raise DatasetError(f"{where} is empty or a scalar (shape {tuple(a.shape)})")
         if x.dim() == 3:
             x = x.unsqueeze(1)
         elif x.dim() == 4 and x.shape[3] in (1, 3) and x.shape[1] not in (1, 3):

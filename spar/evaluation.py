@@ -17,7 +17,7 @@ mutual information (:func:`spar.report.save_predictions`).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import spar
@@ -37,9 +37,19 @@ from spar._job import (
 )
 from spar.checkpoint import CheckpointError, load_checkpoint
 from spar.distributed import SampleParallel
-from spar.train import TrainConfig, check_model_state, init_grid, setup_rank, start
+from spar.train import (
+    TrainConfig,
+    check_config_types,
+    check_model_state,
+    init_grid,
+    setup_rank,
+    start,
+    with_legacy_defaults,
+)
 
 PREDICTIONS = "predictions.npz"
+# after a data error: the checkpoint records where the data lay when it was trained
+_DATA_HINT = " (the checkpoint's; give --data-dir / --ood where the data lie now)"
 
 
 @dataclass
@@ -68,18 +78,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict, TrainConfig]:
     stored = state.get("config")
     if "model" not in state or not isinstance(stored, dict):
         raise SetupError(f"--checkpoint {path} has no model and config: not written by spar train")
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(stored) - known)
-    if unknown:
-        raise SetupError(
-            f"--checkpoint {path}: its config has options this spar does not know "
-            f"({', '.join(unknown)}); was it written by a newer version?"
-        )
-    try:
-        cfg = TrainConfig(**stored)
-    except TypeError as e:
-        raise SetupError(f"--checkpoint {path}: bad config ({e})") from None
-    return state, cfg
+    stored = with_legacy_defaults(stored)
+    check_config_types(stored, f"--checkpoint {path}")
+    return state, TrainConfig(**stored)
 
 
 def job_config(ecfg: EvalConfig, stored: TrainConfig) -> TrainConfig:
@@ -112,7 +113,7 @@ def preflight(ecfg: EvalConfig) -> TrainConfig:
     ``out``. Returns the job's config."""
     state, stored = read_checkpoint(ecfg.checkpoint)
     cfg = job_config(ecfg, stored)
-    splits = load_data(cfg)
+    splits = load_data(cfg, hint=_DATA_HINT)
     sp = SampleParallel(build_model(cfg, splits), cfg.samples, spar.distributed.Grid.local())
     check_model_state(state, sp.module, Path(ecfg.checkpoint))
     try:
@@ -167,7 +168,7 @@ def run_eval(cfg: TrainConfig, checkpoint: str | Path) -> dict | None:
         report["grid"] = {"sample": grid.sample, "data": grid.data, "mode": grid.mode}
         report["config"] = asdict(cfg)
         result = public(report)
-        with reason_for_os_errors(f"could not write the report to {out}"):
+        with reason_for_os_errors(f"could not write the report to {out}", note=""):
             files = write_report(out, report, splits)
             rows = rep.save_predictions(out / PREDICTIONS, report["_logits"])
             result["predictions"] = rows

@@ -103,9 +103,9 @@ def cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     Conv(C, 16, 3, p1)-ReLU-Conv(16, 32, 3, p1)-ReLU-MaxPool(2)-Flatten-
     Linear(32 (H//2) (W//2), 64)-ReLU-Linear(64, num_classes).
 
-    For ``(1, 8, 8)`` and 8 classes it is module for module the network of
-    ``spar.train.digits_cnn`` (same ``state_dict`` keys, same initial parameters from the
-    same seed), so its checkpoints load."""
+    For ``(1, 8, 8)`` and 8 classes it is module for module the network that ``spar
+    train``'s ``digits_cnn`` built before models became an option (same ``state_dict`` keys,
+    same initial parameters from the same seed), so its checkpoints load."""
     C, H, W = _image("cnn", input_shape, 2)
     K = _classes(num_classes)
     return nn.Sequential(

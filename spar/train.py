@@ -49,7 +49,7 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -65,6 +65,8 @@ from spar._job import (
     build_model,
     dist_backend,
     evaluate,
+    format_classes,
+    held_out_classes,
     load_data,
     print_report,
     public,
@@ -209,9 +211,55 @@ def _checkpoint_state(sp: SampleParallel, opt, epoch: int, cfg: TrainConfig) -> 
         "epoch": epoch,
         "grid": [sp.grid.sample, sp.grid.data],
         "augment_states": gens,
-        "config": {k: v for k, v in asdict(cfg).items() if v is not None},
+        "config": stored_config(cfg),
         "job": job_id(),
     }
+
+
+def stored_config(cfg: TrainConfig) -> dict:
+    """The config a checkpoint records: the options set, with the held-out classes resolved
+    (``"8,9"``, ``"none"``) and the data paths absolute, so that ``spar eval`` and
+    ``--resume`` rebuild the same data from any folder."""
+    config = {k: v for k, v in asdict(cfg).items() if v is not None}
+    config["ood_classes"] = format_classes(held_out_classes(cfg))
+    for name in ("data_dir", "ood"):
+        if config.get(name):
+            config[name] = str(Path(config[name]).expanduser().resolve())
+    return config
+
+
+def check_config_types(config: dict, where: str) -> None:
+    """Raise :class:`SetupError` unless every entry of a stored ``config`` is an option of
+    :class:`TrainConfig` with a value of its type (a checkpoint from another version or one
+    edited by hand)."""
+    types = {f.name: str(f.type).replace(" ", "").split("|") for f in fields(TrainConfig)}
+    unknown = sorted(set(config) - set(types))
+    if unknown:
+        raise SetupError(
+            f"{where}: its config has options this spar does not know ({', '.join(unknown)}); "
+            "was it written by a newer version?"
+        )
+    for name, value in config.items():
+        kinds = types[name]
+        ok = (
+            (value is None and "None" in kinds)
+            or (isinstance(value, bool) and "bool" in kinds)
+            or (type(value) is int and ("int" in kinds or "float" in kinds))
+            or (type(value) is float and "float" in kinds)
+            or (isinstance(value, str) and "str" in kinds)
+        )
+        if not ok:
+            expected = " or ".join(k for k in kinds if k != "None")
+            raise SetupError(f"{where}: its config has {name}={value!r}, expected {expected}")
+
+
+# what a checkpoint written before --dataset/--model existed was trained with
+_LEGACY_CONFIG = {"dataset": "digits", "model": "cnn", "ood_classes": "8,9", "val_fraction": 0.0}
+
+
+def with_legacy_defaults(config: dict) -> dict:
+    """A stored config with the values of the options it predates filled in."""
+    return {**_LEGACY_CONFIG, **config} if "dataset" not in config else dict(config)
 
 
 def _restore(sp: SampleParallel, opt, state: dict) -> int:
@@ -314,12 +362,25 @@ def check_resume(state: dict, cfg: TrainConfig, path: Path, model: nn.Module | N
     missing = [k for k in _CHECKPOINT_KEYS if k not in state]
     if missing:
         raise SetupError(f"{path} has no {', '.join(missing)}: not a checkpoint of spar train")
-    stored = state["config"]
+    if not isinstance(state["config"], dict):
+        raise SetupError(f"{path}: 'config' is a {type(state['config']).__name__}, not a dict")
+    stored = with_legacy_defaults(state["config"])
+    check_config_types(stored, str(path))
     for name in EXPERIMENT:
-        if name in stored and stored[name] != getattr(cfg, name):
+        if name not in stored:
+            continue
+        before, now = stored[name], getattr(cfg, name)
+        if name == "ood_classes":  # as resolved: "8,9" is the digits default, 9,8 is 8,9
+            before = held_out_classes(replace(cfg, ood_classes=before))
+            now = held_out_classes(cfg)
+            same = before == now
+            before, now = format_classes(before), format_classes(now)
+        else:
+            same = before == now
+        if not same:
             raise SetupError(
-                f"--resume: {path} was trained with {_flag(name)} {stored[name]}, this run "
-                f"asks for {getattr(cfg, name)}; a resumed run keeps "
+                f"--resume: {path} was trained with {_flag(name)} {before}, this run "
+                f"asks for {now}; a resumed run keeps "
                 f"{', '.join(_flag(n) for n in EXPERIMENT)} (it may change --epochs and the grid)"
             )
     if model is None:
@@ -424,6 +485,10 @@ def preflight(cfg: TrainConfig, *, writer: bool = True) -> None:
             check_writable(cfg.out)
         except OSError as e:
             raise SetupError(f"--out {e.strerror}") from None
+        try:  # a file of another program would stop the run after its first epoch
+            rep.read_history(Path(cfg.out) / HISTORY)
+        except ValueError as e:
+            raise SetupError(f"--out: {e}; move it away or choose another --out") from None
     state = None
     if cfg.resume:
         try:
@@ -642,7 +707,8 @@ def run(cfg: TrainConfig) -> dict | None:
                     progress.step(i + 1, {k: float(v) for k, v in stats.items()})
                 epoch_times.append(time.perf_counter() - t0)
                 watch.beat(epoch + 1, -1, allow=allow)  # checkpoint, validation, next epoch
-                kl_value = float(kl.detach())
+                with torch.no_grad():  # after the epoch's last update
+                    kl_value = float(spar.nn.kl_divergence(sp))
                 row = _epoch_row(sp, splits, epoch + 1, epoch_times[-1], sums, kl_value, tel)
                 state = _checkpoint_state(sp, opt, epoch + 1, cfg)
                 if rank == 0:

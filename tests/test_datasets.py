@@ -527,18 +527,17 @@ def test_ood_npz_for_digits(tmp_path):
     rng = np.random.default_rng(5)
     x_ood = rng.random((9, 8, 8)).astype(np.float32)  # (N, H, W): a channel axis is added
     path = _npz(tmp_path / "noise.npz", x_ood=x_ood)
-    s = load("digits", ood=path, val_fraction=0)
-    # with an ood file the digits default hold-out does not apply: all 10 classes
+    s = load("digits", ood=path, ood_classes=(), val_fraction=0)
     assert s.num_classes == 10 and s.ood_name == "noise.npz"
     assert torch.equal(s.x_ood, torch.from_numpy(x_ood)[:, None])
     _check_tensors(s)
     # no x_ood in the file: its x_test is used
     path2 = _npz(tmp_path / "other.npz", x_test=x_ood[:4], y_test=np.zeros(4, int))
     assert torch.equal(load("digits", ood=path2).x_ood, torch.from_numpy(x_ood[:4])[:, None])
-    # ood_classes=() with ood is fine; a non-empty ood_classes is not
-    assert load("digits", ood=path, ood_classes=()).num_classes == 10
-    with pytest.raises(ValueError, match="ood_classes.*ood"):
-        load("digits", ood=path, ood_classes=(8, 9))
+    # the default held-out classes still leave train and test: the file replaces their OOD set
+    held = load("digits", ood=path, val_fraction=0)
+    assert held.num_classes == 8 and held.ood_name == "noise.npz"
+    assert torch.equal(held.x_test, load("digits", val_fraction=0).x_test)
 
 
 def test_ood_errors(tmp_path):
@@ -676,3 +675,15 @@ def test_augment_spec_validation():
         Augment(pad=-1)
     with pytest.raises(ValueError, match="jitter"):
         Augment(jitter=-0.1)
+
+
+def test_no_example_left_after_holding_out_classes(tmp_path):
+    y = np.arange(60) % 3
+    path = _npz(tmp_path / "t.npz", x_train=np.zeros((60, 4), np.float32), y_train=y,
+                x_test=np.zeros((5, 4), np.float32), y_test=np.zeros(5, int))  # fmt: skip
+    with pytest.raises(DatasetError) as e:
+        load("npz", path, ood_classes=(0,))
+    _one_line_error(e, "t.npz", "no test examples")
+    with pytest.raises(DatasetError) as e:
+        load("npz", _basic_npz(tmp_path / "s.npz", x_train=np.float32(1.0)))
+    _one_line_error(e, "s.npz", "scalar")

@@ -171,21 +171,66 @@ def test_bad_data_models_and_checkpoints_are_one_line_exit_2(tmp_path, capsys):
     _one_line_exit_2(capsys, ["eval", "--checkpoint", str(junk)], "not a readable checkpoint")
 
 
-def test_eval_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    """A 1-epoch digits run in one process (default held-out classes 8 and 9)."""
+    out = tmp_path_factory.mktemp("digits") / "run"
+    launch(TrainConfig(mode="local", epochs=1, samples=2, batch_size=256, out=str(out),
+                       progress=False))  # fmt: skip
+    return out
+
+
+def test_eval_refuses_a_checkpoint_of_another_model(tmp_path, capsys, digits_run):
     import torch
 
     from spar.checkpoint import load_checkpoint, save_checkpoint
 
-    out = tmp_path / "run"
-    launch(TrainConfig(mode="local", epochs=1, samples=2, batch_size=256, out=str(out),
-                       progress=False))  # fmt: skip
-    state = load_checkpoint(out / "checkpoint.pt")
+    state = load_checkpoint(digits_run / "checkpoint.pt")
+    assert state["config"]["ood_classes"] == "8,9"  # recorded as resolved
     state["config"]["model"] = "mlp"  # the stored config no longer matches the weights
     save_checkpoint(tmp_path / "other.pt", state, keep_previous=False)
     other = ["eval", "--checkpoint", str(tmp_path / "other.pt")]
     _one_line_exit_2(capsys, other, "not a checkpoint of this model")
-    state["config"]["future_option"] = 1
-    save_checkpoint(tmp_path / "newer.pt", state, keep_previous=False)
-    _one_line_exit_2(capsys, ["eval", "--checkpoint", str(tmp_path / "newer.pt")], "future_option")
+    for key, value, words in [
+        ("future_option", 1, "future_option"),
+        ("samples", "8", "samples='8', expected int"),
+        ("seed", 1.5, "seed=1.5, expected int"),
+        ("model", 5, "model=5, expected str"),
+    ]:
+        state = load_checkpoint(digits_run / "checkpoint.pt")
+        state["config"][key] = value
+        save_checkpoint(tmp_path / "edited.pt", state, keep_previous=False)
+        _one_line_exit_2(capsys, ["eval", "--checkpoint", str(tmp_path / "edited.pt")], words)
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     _one_line_exit_2(capsys, ["eval", "--checkpoint", str(tmp_path / "foreign.pt")], "not a spar")
+
+
+def test_eval_with_another_ood_set_and_failures_are_one_line(tmp_path, capsys, digits_run):
+    ckpt = str(digits_run / "checkpoint.pt")
+    # another OOD set for a digits run: the classes 8 and 9 still stay out of the test set
+    noise = tmp_path / "noise.npz"
+    np.savez(noise, x_ood=np.random.default_rng(0).random((20, 1, 8, 8), dtype=np.float32))
+    report = launch_eval(EvalConfig(checkpoint=ckpt, ood=str(noise), out=str(tmp_path / "e")))
+    trained = json.loads((digits_run / "metrics.json").read_text())
+    assert report["accuracy"] == trained["accuracy"]  # the same test set
+    assert report["ood_auroc_mutual_information"] != trained["ood_auroc_mutual_information"]
+    # a report that cannot be written: one line, exit 1, no traceback
+    (tmp_path / "busy" / "predictions.npz").mkdir(parents=True)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--checkpoint", ckpt, "--out", str(tmp_path / "busy")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1, err
+    assert "could not write the report" in err and "checkpoint is intact" not in err
+
+
+def test_train_refuses_a_foreign_history_and_resume_takes_equal_classes(tmp_path, capsys):
+    (tmp_path / "h").mkdir()
+    (tmp_path / "h" / "history.csv").write_text("a,b\n1,2\n")
+    _one_line_exit_2(capsys, ["train", "--out", str(tmp_path / "h")], "history.csv")
+    out = str(tmp_path / "r")
+    base = ["train", "--mode", "local", "--samples", "2", "--batch-size", "512", "--out", out]
+    assert main([*base, "--epochs", "1", "--no-progress", "--ood-classes", "9,8"]) == 0
+    # the same classes spelled differently, or left to the default, continue the run
+    assert main([*base, "--epochs", "2", "--no-progress", "--resume"]) == 0
+    _one_line_exit_2(capsys, [*base, "--epochs", "3", "--resume", "--ood-classes", "7"],
+                     "trained with --ood-classes 8,9")  # fmt: skip

@@ -25,6 +25,7 @@ from torch import nn
 from spar import datasets, metrics, models
 from spar import report as rep
 from spar._fs import atomic_write
+from spar.distributed import all_gather_samples
 from spar.telemetry import Telemetry
 
 # sample-examples one forward pass of the evaluation holds (examples per chunk times local
@@ -150,17 +151,32 @@ def reason_for_os_errors(what: str, note: str = "the last complete checkpoint is
 # ----------------------------------------------------------------------------- predictive
 
 
-def predictive(sp, x: torch.Tensor) -> torch.Tensor:
+def predictive(sp, x: torch.Tensor, progress=None) -> torch.Tensor:
     """All ``S`` samples of the predictive of ``x`` (``(S, N, C)`` float32 on the CPU), in
-    chunks of examples that keep about :data:`EVAL_CHUNK` sample-examples per pass. Every
-    rank of a sample group must call it with the same ``x`` (the samples are gathered)."""
+    chunks of examples that keep about :data:`EVAL_CHUNK` sample-examples per pass, like
+    :meth:`SampleParallel.predict` (eval mode; every module's mode restored after), with
+    per-example noise (``lrt``, ``flipout``) keyed by the example's index in ``x``: the
+    result does not depend on the chunking or on the grid. Every rank of a sample group must
+    call it with the same ``x`` (the samples are gathered). ``progress``: an object whose
+    ``advance(done)`` is called after each chunk (:class:`spar.report.TaskProgress`)."""
     local = max(1, sp.num_samples // sp.grid.sample)
     chunk = max(1, EVAL_CHUNK // local)
-    parts = []
-    with torch.no_grad():
-        for start in range(0, len(x), chunk):
-            xb = to_device(x[start : start + chunk], sp.grid.device)
-            parts.append(sp.predict(xb).float().cpu())
+    mc, parts = sp.module, []
+    flags = [(m, m.training) for m in sp.modules()]
+    data_offset = mc.data_offset
+    sp.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(x), chunk):
+                mc.data_offset = start
+                out = mc(to_device(x[start : start + chunk], sp.grid.device))
+                parts.append(all_gather_samples(out, sp.grid.sample_group).float().cpu())
+                if progress is not None:
+                    progress.advance(min(len(x), start + chunk))
+    finally:
+        for m, training in flags:
+            m.training = training
+        mc.data_offset = data_offset
     return torch.cat(parts, dim=1)
 
 
@@ -169,11 +185,7 @@ def validation(sp, splits: datasets.Splits) -> dict[str, float | None]:
     without one); leaves the model in the mode it found it in."""
     if splits.x_val is None or len(splits.x_val) == 0:
         return {"val_accuracy": None, "val_nll": None, "val_ece": None}
-    was_training = sp.training
-    try:
-        logits = predictive(sp, splits.x_val)
-    finally:
-        sp.train(was_training)
+    logits = predictive(sp, splits.x_val)
     return {
         "val_accuracy": float(metrics.accuracy(logits, splits.y_val)),
         "val_nll": float(metrics.nll(logits, splits.y_val)),
@@ -181,12 +193,20 @@ def validation(sp, splits: datasets.Splits) -> dict[str, float | None]:
     }
 
 
-def evaluate(sp, splits: datasets.Splits) -> dict:
+def evaluate(sp, splits: datasets.Splits, progress=None) -> dict:
     """Metrics of the full predictive (all S samples gathered) on the test set and, where
     the data has one, the OOD set. Private entries (``_``-prefixed) carry what the plots
-    and the predictions file need."""
+    and the predictions file need. ``progress(split, examples)``: a context manager shown
+    while a split is evaluated (:class:`spar.report.TaskProgress`), or None."""
+
+    def run(name: str, x: torch.Tensor) -> torch.Tensor:
+        if progress is None:
+            return predictive(sp, x)
+        with progress(name, len(x)) as shown:
+            return predictive(sp, x, shown)
+
     sp.eval()
-    logits = predictive(sp, splits.x_test)
+    logits = run("test", splits.x_test)
     y = splits.y_test
     rel = metrics.reliability(logits, y)
     out = {
@@ -201,7 +221,7 @@ def evaluate(sp, splits: datasets.Splits) -> dict:
         "_mi": (metrics.mutual_information(logits), None),
     }
     if splits.x_ood is not None and len(splits.x_ood):
-        logits_ood = predictive(sp, splits.x_ood)
+        logits_ood = run("OOD", splits.x_ood)
         mi_in, mi_out = out["_mi"][0], metrics.mutual_information(logits_ood)
         pe_in, pe_out = metrics.predictive_entropy(logits), metrics.predictive_entropy(logits_ood)
         out["ood_auroc_mutual_information"] = float(metrics.ood_auroc(mi_in, mi_out))

@@ -159,7 +159,12 @@ def run_eval(cfg: TrainConfig, checkpoint: str | Path) -> dict | None:
         model = build_model(cfg, splits).to(grid.device)
         sp = SampleParallel(model, cfg.samples, grid, seed=cfg.seed)
         sp.module.load_state_dict(state["model"])
-        report = evaluate(sp, splits)
+
+        def shown(split: str, examples: int) -> rep.TaskProgress:
+            what = f"evaluating {split} ({examples:,} examples, S={cfg.samples})"
+            return rep.TaskProgress(rank() == 0, what, examples)
+
+        report = evaluate(sp, splits, progress=shown)
         if rank() != 0:
             return None
         report["checkpoint"] = str(checkpoint)

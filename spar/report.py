@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from numbers import Integral
 from pathlib import Path
@@ -231,6 +232,55 @@ class EpochProgress:
             progress.refresh()  # the finished bar goes now, not at the next timed refresh
         # printed through the live console: it lands above the bar and stays
         progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+class TaskProgress(EpochProgress):
+    """Progress of one long task (``spar eval`` evaluating a split) on rank 0: a rich bar of
+    the items done on a terminal; elsewhere nothing while it runs. When the task ends without
+    an error, one plain line ``"<description>: <total> done in <seconds> s"`` stays in both.
+
+    Args:
+        enabled: print anything at all.
+        description: what is done, e.g. ``"evaluating test (10,000 examples, S=64)"``.
+        total: the number of items (examples).
+        stream: where to write; default ``sys.stderr``.
+    """
+
+    def __init__(
+        self, enabled: bool, description: str, total: int, *, stream: TextIO | None = None
+    ) -> None:
+        super().__init__(enabled, 1, stream=stream)
+        self.description, self.total = str(description), int(total)
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> TaskProgress:
+        self._t0 = time.perf_counter()
+        if self.enabled and self.tty:
+            total = max(self.total, 1)
+            self._task = self._live().add_task(self.description, total=total, stats="")
+        return self
+
+    def advance(self, done: int) -> None:
+        """``done`` items of ``total`` are done (redraws the bar on a terminal)."""
+        if self.enabled and self.tty and self._task is not None:
+            self._live().update(self._task, completed=int(done))
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if self.enabled and exc_type is None:
+                seconds = time.perf_counter() - self._t0
+                line = f"{self.description}: {self.total:,} done in {seconds:.1f} s"
+                if self.tty and self._progress is not None:
+                    if self._task is not None:
+                        self._progress.remove_task(self._task)
+                        self._task = None
+                        self._progress.refresh()
+                    self._progress.console.print(line, markup=False, highlight=False)
+                else:
+                    self.stream.write(line + "\n")
+                    self.stream.flush()
+        finally:
+            self.close()
 
 
 # ----------------------------------------------------------------------------- tables

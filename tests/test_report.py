@@ -342,3 +342,23 @@ def test_save_predictions_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match=r"\(S, N, C\)"):
         save_predictions(path, {"test": (torch.randn(5, 3), None)})
     assert not path.exists()
+
+
+def test_task_progress_is_one_line_at_the_end_off_a_terminal():
+    from spar.report import TaskProgress
+
+    out = io.StringIO()
+    with TaskProgress(True, "evaluating test (12 examples, S=4)", 12, stream=out) as p:
+        p.advance(6)
+        assert out.getvalue() == ""  # nothing while it runs
+        p.advance(12)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("evaluating test (12 examples, S=4): 12 done")
+    out = io.StringIO()
+    with pytest.raises(RuntimeError), TaskProgress(True, "x", 3, stream=out):
+        raise RuntimeError("boom")
+    assert out.getvalue() == ""  # a failed task claims nothing
+    out = io.StringIO()
+    with TaskProgress(False, "x", 3, stream=out) as p:
+        p.advance(3)
+    assert out.getvalue() == ""

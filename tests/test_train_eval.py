@@ -64,21 +64,27 @@ def _same_metrics(a: dict, b: dict) -> None:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
 
 
-@pytest.mark.slow
-def test_cifar10_resnet20_two_ranks_then_eval_reproduces_metrics(tmp_path):
-    data = _cifar_folder(tmp_path / "data")
+def _train_cifar10(tmp_path: Path, *options: str, **folder) -> tuple[Path, dict, str]:
+    """``spar train`` on 2 ranks on a CIFAR-10 folder written here: (out, metrics, logs)."""
+    data = _cifar_folder(tmp_path / "data", **folder)
     out = tmp_path / "run"
     r = _spar(
-        "train", "--dataset", "cifar10", "--data-dir", str(data), "--model", "resnet20",
-        "--ood-classes", "8,9", "--epochs", "1", "--samples", "2", "--batch-size", "8",
-        "--out", str(out), "--no-progress",
+        "train", "--dataset", "cifar10", "--data-dir", str(data), "--epochs", "1",
+        "--samples", "2", "--out", str(out), "--no-progress", *options,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    trained = json.loads((out / "metrics.json").read_text())
+    return out, json.loads((out / "metrics.json").read_text()), r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_cifar10_resnet20_two_ranks_then_eval_reproduces_metrics(tmp_path):
+    out, trained, logs = _train_cifar10(
+        tmp_path, "--model", "resnet20", "--ood-classes", "8,9", "--batch-size", "8"
+    )
     assert trained["grid"] == {"sample": 2, "data": 1, "mode": "sp"}
     assert trained["config"]["model"] == "resnet20"
     # no log line carries terminal codes or redraws (stdout/stderr are pipes)
-    assert "\x1b" not in r.stdout + r.stderr and "\r" not in r.stderr
+    assert "\x1b" not in logs and "\r" not in logs
     rows = list(csv.DictReader((out / "history.csv").open()))
     assert [row["epoch"] for row in rows] == ["1"]
     assert float(rows[0]["samples_per_s"]) > 0 and rows[0]["val_accuracy"] != ""
@@ -100,15 +106,10 @@ def test_cifar10_resnet20_two_ranks_then_eval_reproduces_metrics(tmp_path):
 
 @pytest.mark.slow
 def test_vit_tiny_on_the_data_axis_then_eval_in_one_process(tmp_path):
-    data = _cifar_folder(tmp_path / "data", per_batch=4, n_test=8)
-    out = tmp_path / "run"
-    r = _spar(
-        "train", "--dataset", "cifar10", "--data-dir", str(data), "--model", "vit-tiny",
-        "--mode", "ddp", "--epochs", "1", "--samples", "2", "--batch-size", "16",
-        "--out", str(out), "--no-progress",
+    out, trained, _ = _train_cifar10(
+        tmp_path, "--model", "vit-tiny", "--mode", "ddp", "--batch-size", "16",
+        per_batch=4, n_test=8,
     )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    trained = json.loads((out / "metrics.json").read_text())
     assert trained["grid"] == {"sample": 1, "data": 2, "mode": "ddp"}
     assert trained["ood_auroc_mutual_information"] is None  # cifar10: no OOD set by default
     evaluated = launch_eval(EvalConfig(checkpoint=str(out / "checkpoint.pt")))

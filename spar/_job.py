@@ -152,32 +152,55 @@ def reason_for_os_errors(what: str, note: str = "the last complete checkpoint is
 
 
 def predictive(sp, x: torch.Tensor, progress=None) -> torch.Tensor:
-    """All ``S`` samples of the predictive of ``x`` (``(S, N, C)`` float32 on the CPU), in
-    chunks of examples that keep about :data:`EVAL_CHUNK` sample-examples per pass, like
-    :meth:`SampleParallel.predict` (eval mode; every module's mode restored after), with
-    per-example noise (``lrt``, ``flipout``) keyed by the example's index in ``x``: the
-    result does not depend on the chunking or on the grid. Every rank of a sample group must
-    call it with the same ``x`` (the samples are gathered). ``progress``: an object whose
-    ``advance(done)`` is called after each chunk (:class:`spar.report.TaskProgress`)."""
-    local = max(1, sp.num_samples // sp.grid.sample)
-    chunk = max(1, EVAL_CHUNK // local)
+    """All ``S`` samples of the predictive of ``x``: ``(S, N, C)`` float32 on the CPU, on
+    every rank (``x`` must not be empty).
+
+    Like :meth:`SampleParallel.predict` (eval mode; every module's mode restored after), but
+    for a whole evaluation set: the examples are split over the data axis (data rank ``j``
+    takes the ``j``-th contiguous block) and gathered back, the samples over the sample axis;
+    each rank runs its block in chunks that keep about :data:`EVAL_CHUNK` sample-examples per
+    pass. Per-example noise (``lrt``, ``flipout``) is keyed by the example's index in ``x``,
+    so the result depends neither on the chunking nor on the grid. Every rank must call it
+    with the same ``x``. ``progress``: an object whose ``advance(done)`` is called after each
+    chunk with this rank's examples done (:class:`spar.report.TaskProgress`)."""
+    grid = sp.grid
+    split = 1 < grid.data <= len(x)  # fewer examples than data ranks: each rank does all
+    bounds = [len(x) * j // grid.data for j in range(grid.data + 1)] if split else [0, len(x)]
+    lo, hi = (bounds[grid.data_rank], bounds[grid.data_rank + 1]) if split else (0, len(x))
+    chunk = max(1, EVAL_CHUNK // max(1, sp.num_samples // grid.sample))
     mc, parts = sp.module, []
     flags = [(m, m.training) for m in sp.modules()]
     data_offset = mc.data_offset
     sp.eval()
     try:
         with torch.no_grad():
-            for start in range(0, len(x), chunk):
+            for start in range(lo, hi, chunk):
                 mc.data_offset = start
-                out = mc(to_device(x[start : start + chunk], sp.grid.device))
-                parts.append(all_gather_samples(out, sp.grid.sample_group).float().cpu())
-                if progress is not None:
-                    progress.advance(min(len(x), start + chunk))
+                out = mc(to_device(x[start : min(hi, start + chunk)], grid.device))
+                parts.append(all_gather_samples(out, grid.sample_group))
+                if progress is not None:  # this rank's share, scaled to the whole set
+                    progress.advance((min(hi, start + chunk) - lo) * len(x) // (hi - lo))
+            mine = torch.cat(parts, dim=1)
+            if split:
+                mine = _gather_examples(mine, bounds, grid)
     finally:
         for m, training in flags:
             m.training = training
         mc.data_offset = data_offset
-    return torch.cat(parts, dim=1)
+    return mine.float().cpu()
+
+
+def _gather_examples(mine: torch.Tensor, bounds: list[int], grid) -> torch.Tensor:
+    """The ``(S, n_j, C)`` blocks of every data rank, concatenated in data-rank order (padded
+    to the largest block for the collective: ``all_gather`` wants equal shapes)."""
+    sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    width = max(sizes)
+    padded = torch.zeros(mine.shape[0], width, *mine.shape[2:], dtype=mine.dtype,
+                         device=mine.device)  # fmt: skip
+    padded[:, : mine.shape[1]] = mine
+    blocks = [torch.empty_like(padded) for _ in range(grid.data)]
+    dist.all_gather(blocks, padded, group=grid.data_group)
+    return torch.cat([b[:, :size] for b, size in zip(blocks, sizes, strict=True)], dim=1)
 
 
 def validation(sp, splits: datasets.Splits) -> dict[str, float | None]:

@@ -138,6 +138,15 @@ def test_npz_in_one_process_then_eval_on_two_ranks_and_other_samples(tmp_path):
     evaluated = launch_eval(EvalConfig(checkpoint=ckpt, nproc=2, out=str(tmp_path / "e2")))
     assert evaluated["grid"] == {"sample": 2, "data": 1, "mode": "sp"}
     _same_metrics(trained, evaluated)
+    # the test set split over a data axis of 2 (6 + 6 examples), gathered back
+    evaluated = launch_eval(
+        EvalConfig(checkpoint=ckpt, nproc=2, mode="ddp", out=str(tmp_path / "d2"))
+    )
+    assert evaluated["grid"] == {"sample": 1, "data": 2, "mode": "ddp"}
+    _same_metrics(trained, evaluated)
+    by_data = np.load(tmp_path / "d2" / "predictions.npz")["probs"]
+    by_sample = np.load(tmp_path / "e2" / "predictions.npz")["probs"]
+    np.testing.assert_allclose(by_data, by_sample, rtol=1e-5, atol=1e-6)  # example by example
     more = launch_eval(EvalConfig(checkpoint=ckpt, samples=4, out=str(tmp_path / "e4")))
     assert more["samples"] == 4 and (tmp_path / "e4" / "predictions.npz").is_file()
     assert more["nll"] != trained["nll"]

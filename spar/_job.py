@@ -25,7 +25,6 @@ from torch import nn
 from spar import datasets, metrics, models
 from spar import report as rep
 from spar._fs import atomic_write
-from spar.distributed import all_gather_samples
 from spar.telemetry import Telemetry
 
 # sample-examples one forward pass of the evaluation holds (examples per chunk times local
@@ -155,8 +154,8 @@ def predictive(sp, x: torch.Tensor, progress=None) -> torch.Tensor:
     """All ``S`` samples of the predictive of ``x``: ``(S, N, C)`` float32 on the CPU, on
     every rank (``x`` must not be empty).
 
-    Like :meth:`SampleParallel.predict` (eval mode; every module's mode restored after), but
-    for a whole evaluation set: the examples are split over the data axis (data rank ``j``
+    :meth:`SampleParallel.predict` (eval mode; every module's mode restored after) for a whole
+    evaluation set: the examples are split over the data axis (data rank ``j``
     takes the ``j``-th contiguous block) and gathered back, the samples over the sample axis;
     each rank runs its block in chunks that keep about :data:`EVAL_CHUNK` sample-examples per
     pass. Per-example noise (``lrt``, ``flipout``) is keyed by the example's index in ``x``,
@@ -168,25 +167,15 @@ def predictive(sp, x: torch.Tensor, progress=None) -> torch.Tensor:
     bounds = [len(x) * j // grid.data for j in range(grid.data + 1)] if split else [0, len(x)]
     lo, hi = (bounds[grid.data_rank], bounds[grid.data_rank + 1]) if split else (0, len(x))
     chunk = max(1, EVAL_CHUNK // max(1, sp.num_samples // grid.sample))
-    mc, parts = sp.module, []
-    flags = [(m, m.training) for m in sp.modules()]
-    data_offset = mc.data_offset
-    sp.eval()
-    try:
+    parts = []
+    for start in range(lo, hi, chunk):
+        parts.append(sp._predict(to_device(x[start : min(hi, start + chunk)], grid.device), start))
+        if progress is not None:  # this rank's share, scaled to the whole set
+            progress.advance((min(hi, start + chunk) - lo) * len(x) // (hi - lo))
+    mine = torch.cat(parts, dim=1)
+    if split:
         with torch.no_grad():
-            for start in range(lo, hi, chunk):
-                mc.data_offset = start
-                out = mc(to_device(x[start : min(hi, start + chunk)], grid.device))
-                parts.append(all_gather_samples(out, grid.sample_group))
-                if progress is not None:  # this rank's share, scaled to the whole set
-                    progress.advance((min(hi, start + chunk) - lo) * len(x) // (hi - lo))
-            mine = torch.cat(parts, dim=1)
-            if split:
-                mine = _gather_examples(mine, bounds, grid)
-    finally:
-        for m, training in flags:
-            m.training = training
-        mc.data_offset = data_offset
+            mine = _gather_examples(mine, bounds, grid)
     return mine.float().cpu()
 
 

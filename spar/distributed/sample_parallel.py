@@ -315,15 +315,25 @@ class SampleParallel(nn.Module):
         Returns:
             ``(S, B_local, ...)`` on every rank of the sample group, samples in global order.
         """
+        if not isinstance(x, Tensor) or x.dim() == 0:
+            raise TypeError("SampleParallel expects a batched tensor input (B, ...)")
+        return self._predict(x, self.grid.data_rank * x.shape[0], *args, **kwargs)
+
+    @torch.no_grad()
+    def _predict(self, x: Tensor, data_offset: int, *args: Any, **kwargs: Any) -> Tensor:
+        """:meth:`predict` with the global index of ``x``'s first example given: a chunk of
+        an evaluation set keys its per-example noise by its position in the whole set
+        (``spar._job.predictive``), not by the data rank's block of a training batch."""
         flags = [(m, m.training) for m in self.modules()]
-        data_offset = self.module.data_offset
+        saved = self.module.data_offset
         self.eval()
         try:
-            out = self(x, *args, **kwargs)
+            self.module.data_offset = data_offset
+            out = self.module(x, *args, **kwargs)
         finally:
             for m, training in flags:
                 m.training = training
-            self.module.data_offset = data_offset
+            self.module.data_offset = saved
         return all_gather_samples(out, self.grid.sample_group)
 
     def extra_repr(self) -> str:
